@@ -1,0 +1,183 @@
+"""Typed, strict run configuration: YAML recipes plus `key=value` overrides.
+
+Every field has a one-line help (its `description`); unknown keys and mistyped values
+are errors that name the key and the expected type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and what was expected."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("looprl/tiny", description="looprl/tiny, a local model folder, or a Hugging Face model id")
+    tiny: dict[str, int] = Field(default_factory=dict, description="shape of looprl/tiny (hidden_size, num_layers, ...)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter dtype")
+    device: str = Field("cpu", description="torch device for the policy")
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(True, description="train a LoRA adapter (peft) instead of every weight")
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps rollout and training policies equal)")
+    target_modules: str | list[str] = Field("all-linear", description="modules that get adapters")
+
+
+class EnvConfig(Section):
+    id: str = Field("looprl/Calc-v0", description="registered environment id")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for gymnasium.make")
+    max_tokens: int = Field(1024, gt=0, description="an episode is truncated past this many tokens")
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf"] = Field("hf", description="inference engine")
+    tasks_per_step: int = Field(16, gt=0, description="tasks sampled per training step")
+    group_size: int = Field(6, ge=2, description="rollouts per task (K)")
+    max_new_tokens: int = Field(64, gt=0, description="the most tokens in one turn")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature during training")
+    max_batch_size: int = Field(128, gt=0, description="the most sequences in one generate call")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["loop"] = Field("loop", description="RL algorithm")
+    clip_eps: float = Field(0.1, gt=0, description="LOOP ratio range [1/(1+eps), 1+eps]")
+    ratio_level: Literal["token", "turn", "trajectory"] = Field("token", description="importance ratio granularity")
+    adv_threshold: float = Field(0.01, ge=0, description="rollouts with |advantage| below this are dropped")
+    normalize_std: bool = Field(False, description="divide advantages by the group's return std")
+    epochs: int = Field(1, gt=0, description="passes over each step's rollouts")
+    minibatch_size: int = Field(32, gt=0, description="rollouts per optimizer step")
+
+
+class OptimConfig(Section):
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (constant)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(0.1, gt=0, description="max global gradient norm")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+
+
+class SFTConfig(Section):
+    steps: int = Field(0, ge=0, description="warm-start SFT steps on oracle trajectories (0: none)")
+    batch_size: int = Field(32, gt=0, description="trajectories per SFT step")
+    lr: float = Field(1e-3, gt=0, description="SFT learning rate")
+    episodes: int = Field(4096, gt=0, description="oracle episodes in the SFT pool")
+    max_seconds: float | None = Field(None, gt=0, description="stop SFT after this long (None: run all steps)")
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=0, description="RL steps (each: rollouts, then optimizer steps)")
+    max_seconds: float | None = Field(None, gt=0, description="stop RL after this long (None: run all steps)")
+    save_every: int = Field(25, gt=0, description="checkpoint every N RL steps (and at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints to keep")
+
+
+class EvalConfig(Section):
+    episodes: int = Field(300, ge=0, description="held-out episodes per evaluation (0: skip)")
+    env_kwargs: dict[str, Any] = Field({"split": "test"}, description="kwargs overriding env.kwargs for evaluation")
+    greedy: bool = Field(True, description="also evaluate with greedy decoding")
+    before_rl: bool = Field(True, description="evaluate the warm-started policy before RL")
+
+
+class WandbConfig(Section):
+    enabled: bool = Field(False, description="log metrics to Weights & Biases")
+    mode: Literal["offline", "online"] = Field("offline", description="wandb mode when enabled")
+    project: str = Field("looprl", description="wandb project")
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="run name; the run folder is <output_dir>/<name>")
+    output_dir: str = Field("runs", description="parent folder of run folders")
+    seed: int = Field(0, description="seeds torch, the task sampler and SFT data order")
+    threads: int = Field(1, gt=0, description="torch CPU threads")
+    progress: bool = Field(True, description="show a rich progress display")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the policy")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="the training environment")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="rollout sampling")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="the RL algorithm")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="the RL optimizer")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="the SFT warm-start")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the RL loop")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or the defaults), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(_tuples(data))
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in nested `data`; the value is parsed as YAML (`0.2`, `true`, `[a, b]`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"Override {item!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override {item!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _tuples(data: Any) -> Any:
+    # YAML has no tuples; strict mode would reject a list for `betas`.
+    if isinstance(data, dict):
+        return {k: (tuple(v) if k == "betas" and isinstance(v, list) else _tuples(v)) for k, v in data.items()}
+    return data
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "Invalid config: " + "; ".join(parts)
