@@ -1,0 +1,182 @@
+"""Gymnasium's env checker and the contract every registered `looprl/` env keeps."""
+
+from __future__ import annotations
+
+import string
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from looprl.envs import env_ids, format_tool_call, list_envs, make_env, run_oracle
+
+ENV_IDS = env_ids()
+ORACLE_CASES = [(env_id, {}) for env_id in ENV_IDS] + [("looprl/Calc-v0", {"split": "test"})]
+
+
+def test_registry_holds_calc():
+    assert "looprl/Calc-v0" in ENV_IDS
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_env_checker(env_id):
+    env = gymnasium.make(env_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped, skip_render_check=True)
+    # The checker reports problems as warnings too: there should be none.
+    assert [str(w.message) for w in caught] == []
+
+
+def rollout(env, seed, actions):
+    """Every value `reset` and `step` return, for `actions` from a seeded reset."""
+    results = [env.reset(seed=seed)]
+    for action in actions:
+        results.append(env.step(action))
+    return results
+
+
+def mixed_actions(env):
+    """A non-oracle, non-trivial action sequence: junk, a bad call, then the oracle."""
+    env.reset(seed=7)
+    return ["no call here", format_tool_call("nope", {"x": 1}), env.unwrapped.oracle_action()]
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_same_seed_and_actions_give_same_results(env_id):
+    actions = mixed_actions(gymnasium.make(env_id))
+    first = rollout(gymnasium.make(env_id).unwrapped, 7, actions)
+    second = rollout(gymnasium.make(env_id).unwrapped, 7, actions)
+    assert first == second
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_different_seeds_give_different_tasks(env_id):
+    env = gymnasium.make(env_id).unwrapped
+    task_ids = {env.reset(seed=seed)[1]["task_id"] for seed in range(20)}
+    assert len(task_ids) > 1
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_reset_returns_the_task_and_the_contract_info(env_id):
+    obs, info = gymnasium.make(env_id).unwrapped.reset(seed=0)
+    assert set(info) == {"messages", "tools", "task_id", "turn", "replayed"}
+    assert [m["role"] for m in info["messages"]] == ["system", "user"]
+    assert info["messages"][1]["content"] == obs and (info["turn"], info["replayed"]) == (0, 0)
+    assert all(schema["type"] == "function" for schema in info["tools"])
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("num_replayed", [1, 2, 3])
+def test_replay_restores_the_state_reached_by_stepping(env_id, num_replayed):
+    stepped = gymnasium.make(env_id).unwrapped
+    history = mixed_actions(stepped)[:num_replayed]  # the 3rd action changes the task state
+    _, reset_info = stepped.reset(seed=7)
+    messages = list(reset_info["messages"])
+    for action in history:
+        obs, _, _, _, info = stepped.step(action)
+        messages += [{"role": "assistant", "content": action}, *info["messages"]]
+
+    replayed = gymnasium.make(env_id).unwrapped
+    replay_obs, replay_info = replayed.reset(seed=7, options={"history": history})
+
+    assert replay_obs == obs
+    assert replay_info["messages"] == messages
+    assert replay_info["replayed"] == len(history) and replay_info["turn"] == len(history)
+    assert replay_info["task_id"] == reset_info["task_id"]
+    while True:  # the oracle carries on identically from both states
+        assert replayed.oracle_action() == stepped.oracle_action()
+        a, b = replayed.step(replayed.oracle_action()), stepped.step(stepped.oracle_action())
+        assert a == b
+        if a[2] or a[3]:
+            break
+    assert a[1] == 1.0
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_replay_from_a_task_id_needs_no_seed(env_id):
+    env = gymnasium.make(env_id).unwrapped
+    _, info = env.reset(seed=3)
+    first_action = env.oracle_action()
+    expected = env.step(first_action)[0]
+
+    obs, replay_info = env.reset(options={"task": info["task_id"], "history": [first_action]})
+    assert (obs, replay_info["task_id"]) == (expected, info["task_id"])
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_reset_options_are_checked(env_id):
+    env = gymnasium.make(env_id).unwrapped
+    with pytest.raises(
+        ValueError, match=r"Unknown reset option 'histroy'; allowed options: history, task"
+    ):
+        env.reset(seed=0, options={"histroy": []})
+    with pytest.raises(ValueError, match=r"options\['history'\] to be a list of str"):
+        env.reset(seed=0, options={"history": "one action"})
+    env.reset(seed=0)
+    whole_episode = run_oracle(env_id, seed=0)
+    with pytest.raises(ValueError, match="ends the episode after"):
+        env.reset(seed=0, options={"history": whole_episode})
+
+
+@pytest.mark.parametrize(("env_id", "kwargs"), ORACLE_CASES)
+def test_oracle_solves_every_task(env_id, kwargs):
+    env = gymnasium.make(env_id, **kwargs).unwrapped
+    for seed in range(500):
+        env.reset(seed=seed)
+        total, terminated, truncated = 0.0, False, False
+        while not (terminated or truncated):
+            _, reward, terminated, truncated, info = env.step(env.oracle_action())
+            total += reward
+        assert terminated and info["success"] and total == 1.0, env.task.task_id
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_text_without_tool_calls_solves_nothing(env_id):
+    env = gymnasium.make(env_id).unwrapped
+    rng = np.random.default_rng(0)
+    for seed in range(100):
+        env.reset(seed=seed)
+        total, terminated, truncated = 0.0, False, False
+        while not (terminated or truncated):
+            length = int(rng.integers(0, 60))
+            action = "".join(rng.choice(list(string.printable), size=length)) if seed % 2 else ""
+            _, reward, terminated, truncated, info = env.step(action)
+            total += reward
+        assert truncated and not terminated and total == 0.0 and not info["success"]
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_run_oracle_returns_a_winning_episode(env_id):
+    actions = run_oracle(env_id, seed=1)
+    env = gymnasium.make(env_id).unwrapped
+    rewards = [r for _, r, *_ in rollout(env, 1, actions)[1:]]
+    assert sum(rewards) == 1.0
+
+
+def test_list_envs_describes_every_env():
+    described = {d["id"]: d for d in list_envs()}
+    assert sorted(described) == ENV_IDS
+    assert described["looprl/Calc-v0"]["tools"] == [
+        {
+            "name": "calculator",
+            "description": "Evaluate an arithmetic expression with + - * / and parentheses.",
+        },
+        {"name": "answer", "description": "Submit the final answer. This ends the episode."},
+    ]
+    for entry in described.values():
+        assert entry["description"] and entry["reward"] and "\n" not in entry["description"]
+
+
+def test_make_env_names_an_unknown_id():
+    with pytest.raises(
+        ValueError, match=r"Unknown environment id 'looprl/Calk-v0'.*looprl/Calc-v0"
+    ):
+        make_env("looprl/Calk-v0")
+
+
+def test_make_env_builds_a_registered_id():
+    env = make_env("looprl/Calc-v0", max_turns=2)
+    assert env.unwrapped.max_turns == 2
