@@ -1,0 +1,93 @@
+"""Pure tensor functions shared by the algorithms: masked reductions, logprobs, the
+clipped policy-gradient surrogate. No model, no config: tensors in, tensors out."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` where `mask` is 1 (0 where the mask is empty)."""
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def sequence_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean within each sequence, then mean over sequences: (B, T) -> ()."""
+    return masked_mean(x, mask, dim=-1).mean()
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full log-softmax: (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def segment_mean(x: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the masked tokens of each segment, broadcast back to its tokens.
+
+    Args:
+        x: (B, T) values.
+        mask: (B, T) 1 where a token counts.
+        segments: (B, T) non-negative segment index of each token within its row
+            (e.g. the turn number); its value where `mask` is 0 does not matter.
+    """
+    batch, _ = x.shape
+    n_seg = int(segments.max().item()) + 1 if segments.numel() else 1
+    flat = (torch.arange(batch, device=x.device)[:, None] * n_seg + segments.clamp(min=0)).flatten()
+    mask = mask.to(x.dtype)
+    sums = torch.zeros(batch * n_seg, dtype=x.dtype, device=x.device).index_add(0, flat, (x * mask).flatten())
+    counts = torch.zeros(batch * n_seg, dtype=x.dtype, device=x.device).index_add(0, flat, mask.flatten())
+    return (sums / counts.clamp(min=1))[flat].view_as(x)
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    segments: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (Schulman et al., 2017, eq. 7) with a per-token ratio.
+
+    The ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher when they
+    differ). With `segments`, each token uses the geometric-mean ratio of its segment
+    (a turn or the whole trajectory, as in GSPO) instead of its own. The loss is the
+    token-mean within each sequence, then the mean over sequences.
+
+    Args:
+        logprobs: (B, T) under the policy being trained.
+        old_logprobs: (B, T) under the behaviour policy.
+        advantages: (B,) one advantage per sequence, applied to every token.
+        mask: (B, T) 1 on sampled tokens.
+        clip_low: lower clip range.
+        clip_high: upper clip range.
+        segments: optional (B, T) segment index per token.
+
+    Returns:
+        The scalar loss and detached metrics `pg_loss`, `clipfrac`, `approx_kl`, `ratio_mean`.
+    """
+    mask = mask.to(logprobs.dtype)
+    token_log_ratio = logprobs - old_logprobs  # (B, T)
+    log_ratio = token_log_ratio if segments is None else segment_mean(token_log_ratio, mask, segments)
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]  # (B, 1)
+    pg_loss1 = -adv * ratio
+    pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    pg_loss = sequence_token_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        metrics = {
+            "pg_loss": pg_loss.item(),
+            "clipfrac": masked_mean(clipped.to(mask.dtype), mask).item(),
+            # k3 estimator of KL(old || new) (Schulman, "Approximating KL divergence").
+            "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return pg_loss, metrics

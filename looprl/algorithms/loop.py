@@ -1,0 +1,62 @@
+"""LOOP: leave-one-out PPO for long-horizon interactive agents.
+
+Chen et al., 2025, "Reinforcement Learning for Long-Horizon Interactive LLM Agents"
+(arXiv:2502.01600), section 4 and Algorithm 1. For each task, K rollouts are sampled;
+the advantage of rollout i is its return minus the mean return of the other K-1
+(the leave-one-out baseline of Kool et al., 2019), with no value network:
+
+    A_i = R_i - 1/(K-1) * sum_{j != i} R_j                     (LOOP eq. 4)
+
+Every sampled token of rollout i carries A_i in a PPO clipped objective with a
+per-token ratio and the asymmetric range [1/(1+eps), 1+eps] (eps = 0.1); losses are a
+token-mean within each rollout. Rollouts with |A_i| < 0.01 carry no signal and are
+dropped. No KL penalty. Options: normalise advantages by the group's std (off in the
+paper), and compute the ratio per turn or per trajectory instead of per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from looprl.algorithms.core import clipped_policy_loss
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, normalize_std: bool = False) -> torch.Tensor:
+    """LOOP eq. 4 on a (G, K) tensor of returns: G tasks, K rollouts each.
+
+    Equivalent to K/(K-1) * (R_i - mean_j R_j).
+
+    >>> leave_one_out_advantages(torch.tensor([[1.0, 0.0, 0.0]])).tolist()
+    [[1.0, -0.5, -0.5]]
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"Leave-one-out needs at least 2 rollouts per task, got K={k}")
+    others_mean = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    advantages = rewards - others_mean
+    if normalize_std:
+        advantages = advantages / (rewards.std(-1, keepdim=True) + 1e-6)
+    return advantages
+
+
+def keep_mask(advantages: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+    """Rollouts whose advantage is large enough to train on (LOOP drops |A| < 0.01)."""
+    return advantages.abs() >= threshold
+
+
+def clip_range(eps: float) -> tuple[float, float]:
+    """LOOP's asymmetric range [1/(1+eps), 1+eps] as (clip_low, clip_high)."""
+    return 1 - 1 / (1 + eps), eps
+
+
+def loop_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 0.1,
+    segments: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The LOOP policy loss on a minibatch: (B, T) logprobs, (B,) advantages."""
+    clip_low, clip_high = clip_range(eps)
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments)

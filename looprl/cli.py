@@ -1,0 +1,146 @@
+"""`looprl train | eval | export | envs`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
+        # Known user errors: one line naming the offending thing, no traceback.
+        print(f"looprl: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looprl", description="Train LLM agents with RL in tool-use environments.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run a recipe: looprl train CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. algorithm.clip_eps=0.2")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a model, run or checkpoint on an environment")
+    p.add_argument("--model", required=True, help="looprl/tiny, HF model id or folder, run folder or checkpoint")
+    p.add_argument("--env", required=True, help="environment id, e.g. looprl/Calc-v0")
+    p.add_argument("--episodes", type=int, default=100, help="number of held-out episodes")
+    p.add_argument("--split", default="test", help="task split (Calc-v0: train or test)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens in one turn")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", help="JSON report path (default: next to the model)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="merge LoRA and write a transformers model folder")
+    p.add_argument("source", help="run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("envs", help="list registered environments with their tools")
+    p.set_defaults(func=_envs)
+    return parser
+
+
+def _train(args) -> int:
+    from looprl.config import load_config
+    from looprl.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    results = train(cfg, resume=args.resume)
+    _print_results(results)
+    console.print(f"run folder: {cfg.run_dir}")
+    return 0
+
+
+def _print_results(results: dict) -> None:
+    table = Table(title="held-out success")
+    table.add_column("policy")
+    table.add_column("sampled")
+    table.add_column("greedy")
+    for tag, label in (("warmstart", "warm-start (SFT)"), ("final", "after RL")):
+        res = results.get(tag) or {}
+        cells = [f"{res[m]['success_rate']:.1%} ± {res[m]['success_stderr']:.1%}" if m in res else "-"
+                 for m in ("sampled", "greedy")]
+        table.add_row(label, *cells)
+    console.print(table)
+
+
+def _eval(args) -> int:
+    import torch
+
+    from looprl.envs import make_env
+    from looprl.rollout.engine import HFEngine
+    from looprl.train.evaluate import evaluate
+
+    make_env(args.env, split=args.split).close()  # unknown id or split: fail before loading a model
+    torch.set_num_threads(args.threads)
+    model, tokenizer, report_dir = _load_for_eval(args.model)
+    engine = HFEngine(model, tokenizer)
+    result = evaluate(engine, tokenizer, args.env, {"split": args.split}, args.episodes,
+                      temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    report = {"model": args.model, "env": args.env, "split": args.split,
+              "temperature": args.temperature, **result}
+    name = f"eval_{args.env.replace('/', '_')}_{args.split}_t{args.temperature:g}.json"
+    out = Path(args.out) if args.out else (report_dir or Path(".")) / name
+    out.write_text(json.dumps(report, indent=2))
+    table = Table(title=f"{args.model} on {args.env} ({args.split})")
+    for key in ("episodes", "success_rate", "mean_return", "mean_turns", "mean_tokens"):
+        table.add_row(key, f"{result[key]:.4g}")
+    console.print(table)
+    console.print(f"report: {out}")
+    return 0
+
+
+def _load_for_eval(name: str):
+    """A run or checkpoint folder loads through its checkpoint; anything else as a model."""
+    from looprl.train.export import load_trained_policy
+    from looprl.train.models import load_policy
+
+    path = Path(name)
+    if path.is_dir() and ((path / "manifest.json").exists() or (path / "checkpoints").is_dir()):
+        model, tokenizer, _ = load_trained_policy(path)
+        return model, tokenizer, path
+    model, tokenizer, resolved = load_policy(name)
+    return model, tokenizer, Path(resolved) if Path(resolved).is_dir() and path.exists() else None
+
+
+def _export(args) -> int:
+    from looprl.train.export import export
+
+    out = export(args.source, args.out)
+    console.print(f"exported to {out}")
+    return 0
+
+
+def _envs(args) -> int:
+    from looprl.envs import list_envs
+
+    table = Table(title="looprl environments")
+    for column in ("id", "description", "tools", "reward"):
+        table.add_column(column)
+    for env in list_envs():
+        tools = "\n".join(f"{t['name']}: {t['description']}" for t in env["tools"])
+        table.add_row(env["id"], env["description"], tools, env["reward"])
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

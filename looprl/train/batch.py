@@ -1,0 +1,60 @@
+"""Trajectories to padded tensors, and the policy's logprobs on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from looprl.algorithms.core import token_logprobs
+from looprl.types import Trajectory
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors; everything after `input_ids` is aligned with the targets
+    `input_ids[:, 1:]` (position t holds what predicts token t+1).
+
+    Attributes:
+        input_ids: (B, L)
+        attention_mask: (B, L)
+        loss_mask: (B, L-1) 1 on sampled target tokens.
+        old_logprobs: (B, L-1) behaviour logprobs of the targets.
+        advantages: (B,)
+        segments: (B, L-1) turn index of each target token (for per-turn ratios).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    segments: torch.Tensor
+
+
+def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequence[float] | None = None) -> Batch:
+    batch, length = len(trajectories), max(len(t.input_ids) for t in trajectories)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    loss_mask = torch.zeros((batch, length), dtype=torch.float32)
+    logprobs = torch.zeros((batch, length), dtype=torch.float32)
+    segments = torch.zeros((batch, length), dtype=torch.long)
+    for row, traj in enumerate(trajectories):
+        n = len(traj.input_ids)
+        input_ids[row, :n] = torch.tensor(traj.input_ids)
+        attention_mask[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(traj.loss_mask, dtype=torch.float32)
+        logprobs[row, :n] = torch.tensor(traj.behaviour_logprobs)
+        for turn, (start, end) in enumerate(traj.turn_spans):
+            segments[row, start:end] = turn
+    adv = torch.tensor(list(advantages) if advantages is not None else [0.0] * batch, dtype=torch.float32)
+    return Batch(input_ids, attention_mask, loss_mask[:, 1:], logprobs[:, 1:], adv, segments[:, 1:])
+
+
+def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Logprobs (B, L-1) of each target token under `model`, with the sampling temperature."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, batch.input_ids[:, 1:])

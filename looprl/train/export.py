@@ -1,0 +1,46 @@
+"""Export a trained policy as a plain transformers model folder (LoRA merged)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from looprl.config import RunConfig, from_dict
+from looprl.train.checkpoint import CheckpointManager, find_checkpoint
+from looprl.train.models import merge_lora
+from looprl.train.policy import build_policy, load_trainable_state
+
+
+def load_trained_policy(source: str | Path):
+    """Rebuild `(model, tokenizer, config)` from a run folder or a checkpoint folder."""
+    ckpt = CheckpointManager.load(find_checkpoint(source))
+    cfg: RunConfig = from_dict(ckpt.extra["config"])
+    model, tokenizer = build_policy(cfg)
+    load_trainable_state(model, ckpt.model_state)
+    return model, tokenizer, cfg
+
+
+def export(source: str | Path, out: str | Path) -> Path:
+    """Write the merged model, tokenizer and chat template to `out` (atomically).
+
+    The result loads with `AutoModelForCausalLM.from_pretrained(out)` and
+    `AutoTokenizer.from_pretrained(out)`, and serves with vLLM as it is.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"Export folder {str(out)!r} exists and is not empty")
+    model, tokenizer, _ = load_trained_policy(source)
+    merged = merge_lora(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,65 @@
+"""Per-step metrics: a JSONL file in the run folder, and wandb when enabled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to `run_dir/metrics.jsonl`.
+
+    Args:
+        run_dir: the run folder.
+        resume_step: when resuming, records of steps after this one (written after the
+            checkpoint being resumed) are dropped, so the file reads as one clean run.
+        wandb_run: an initialised wandb run, or None.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, wandb_run=None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb_run = wandb_run
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        self._file = self.path.open("a")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def _truncate_after(self, step: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _step_of(line) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line from a crash: drop it
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def init_wandb(enabled: bool, mode: str, project: str, name: str, run_dir: Path, config: dict):
+    if not enabled:
+        return None
+    import wandb
+
+    return wandb.init(project=project, name=name, dir=str(run_dir), mode=mode, config=config, resume="allow")

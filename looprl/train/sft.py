@@ -1,0 +1,66 @@
+"""Warm-start SFT on oracle trajectories, so RL starts from a policy that sometimes succeeds.
+
+Own loop rather than TRL's SFTTrainer: the data are already token-exact trajectories
+with a loss mask (the same layout RL trains on), so the loss is a masked token NLL.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from looprl.algorithms.core import masked_mean
+from looprl.rollout.agent import ObservationTemplater, expert_trajectory
+from looprl.train.batch import collate, policy_logprobs
+from looprl.types import Trajectory
+
+
+def expert_pool(make_env: Callable[[], object], tokenizer, seeds: Sequence[int]) -> list[Trajectory]:
+    """Oracle episodes for `seeds`, tokenized as rollouts are."""
+    templater = ObservationTemplater(tokenizer)
+    pool = []
+    for seed in seeds:
+        env = make_env()
+        pool.append(expert_trajectory(env, tokenizer, templater, seed=seed))
+        env.close()
+    return pool
+
+
+def sft_loss(model, trajectories: Sequence[Trajectory], pad_id: int) -> torch.Tensor:
+    """Mean NLL of the masked (assistant) tokens."""
+    batch = collate(trajectories, pad_id)
+    return -masked_mean(policy_logprobs(model, batch), batch.loss_mask)
+
+
+def run_sft(
+    model,
+    pool: Sequence[Trajectory],
+    pad_id: int,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    rng: np.random.Generator,
+    max_seconds: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train on random minibatches of `pool`; returns the final loss, steps and seconds."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start, loss_value, step = time.perf_counter(), float("nan"), 0
+    for step in range(1, steps + 1):
+        rows = rng.choice(len(pool), size=min(batch_size, len(pool)), replace=False)
+        loss = sft_loss(model, [pool[i] for i in rows], pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        loss_value = loss.item()
+        if on_step is not None:
+            on_step(step, loss_value)
+        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            break
+    return {"sft/loss": loss_value, "sft/steps": step, "sft/seconds": time.perf_counter() - start}

@@ -1,0 +1,221 @@
+"""The training loop: SFT warm-start, then RL steps of rollout -> advantages -> PPO epochs.
+
+One RL step (LOOP, Algorithm 1):
+  1. sample `tasks_per_step` task seeds, play `group_size` episodes of each;
+  2. leave-one-out advantages per group; drop rollouts with |A| < threshold;
+  3. `epochs` passes of shuffled minibatches, one optimizer step per minibatch;
+  4. the engine shares the model, so it samples the new weights next step (version + 1).
+Checkpoints hold the trainable weights, optimizer, sampler and RNG state, so a resumed
+run continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from looprl.algorithms.loop import keep_mask, leave_one_out_advantages, loop_loss
+from looprl.config import RunConfig, from_dict, to_yaml
+from looprl.envs import make_env
+from looprl.rollout.collect import collect_groups
+from looprl.rollout.engine import HFEngine, SamplingParams
+from looprl.rollout.sampler import TaskSampler
+from looprl.train.batch import collate, policy_logprobs
+from looprl.train.checkpoint import CheckpointManager, restore_rng_state
+from looprl.train.evaluate import evaluate
+from looprl.train.metrics import MetricsLogger, init_wandb
+from looprl.train.policy import build_policy, load_trainable_state, trainable_state
+from looprl.train.progress import RunProgress
+from looprl.train.sft import expert_pool, run_sft
+from looprl.types import Trajectory
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run a whole recipe; returns the evaluation results (also in `results.json`)."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    make_env(cfg.env.id, **cfg.env.kwargs).close()  # fail fast on a bad env id or kwargs
+    model, tokenizer = build_policy(cfg)
+    engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+    )
+    sampler = TaskSampler(cfg.seed)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
+    state: dict[str, Any] = {"step": 0, "results": {}}
+
+    latest = checkpoints.latest() if resume else None
+    if resume and latest is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    if latest is not None:
+        state = _restore(latest, model, optimizer, sampler, engine)
+    wandb_run = init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project, cfg.name, run_dir,
+                           cfg.model_dump(mode="json"))
+    logger = MetricsLogger(run_dir, resume_step=state["step"] if latest else None, wandb_run=wandb_run)
+    progress = RunProgress(enabled=cfg.progress)
+
+    def save(blocking: bool = False) -> None:
+        checkpoints.save(
+            state["step"], model_state=trainable_state(model), optimizer_state=optimizer.state_dict(),
+            blocking=blocking,
+            extra={"policy_version": engine.version, "config": cfg.model_dump(mode="json"),
+                   "sampler": sampler.state_dict(), "results": state["results"]},
+        )
+
+    with progress:
+        if latest is None:
+            _warm_start(cfg, model, tokenizer, engine, logger, progress, state)
+            save()
+        start = time.perf_counter()
+        progress.start("rl", cfg.train.steps, completed=state["step"])
+        while state["step"] < cfg.train.steps:
+            if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
+                break
+            state["step"] += 1
+            metrics = rl_step(cfg, model, tokenizer, engine, optimizer, sampler)
+            logger.log(metrics, state["step"])
+            progress.advance("rl", metrics)
+            if state["step"] % cfg.train.save_every == 0:
+                save()
+        state["results"]["rl"] = {"steps": state["step"], "seconds": time.perf_counter() - start}
+        state["results"]["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, state["step"], "final")
+        save(blocking=True)
+    logger.close()
+    (run_dir / "results.json").write_text(json.dumps(state["results"], indent=2))
+    return state["results"]
+
+
+def rl_step(cfg: RunConfig, model, tokenizer, engine: HFEngine, optimizer, sampler: TaskSampler) -> dict[str, float]:
+    """One LOOP iteration: rollouts, advantages, epochs of minibatch updates."""
+    t0 = time.perf_counter()
+    seeds = sampler.sample(cfg.rollout.tasks_per_step)
+    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
+    groups = collect_groups(
+        engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), seeds,
+        cfg.rollout.group_size, params, max_tokens=cfg.env.max_tokens,
+    )
+    t1 = time.perf_counter()
+    rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
+    advantages = leave_one_out_advantages(rewards, cfg.algorithm.normalize_std)  # (G, K)
+    keep = keep_mask(advantages, cfg.algorithm.adv_threshold)
+    kept = [(t, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
+            for t, a, ok in zip(g, adv, k) if ok]
+    train_metrics = _update(cfg, model, tokenizer, optimizer, kept)
+    engine.update_weights()
+    t2 = time.perf_counter()
+    flat = [t for g in groups for t in g]
+    sampled = sum(t.num_sampled_tokens for t in flat)
+    return {
+        "rollout/reward_mean": rewards.mean().item(),
+        "rollout/success_rate": sum(bool(t.info.get("success")) for t in flat) / len(flat),
+        "rollout/turns_mean": sum(t.num_turns for t in flat) / len(flat),
+        "rollout/tokens_mean": sampled / len(flat),
+        "rollout/truncated_frac": sum(t.truncated for t in flat) / len(flat),
+        "rollout/kept_frac": len(kept) / len(flat),
+        "rollout/dropped_zero_adv": len(flat) - len(kept),
+        **train_metrics,
+        "policy_version": engine.version,
+        "perf/rollout_s": t1 - t0,
+        "perf/train_s": t2 - t1,
+        "perf/step_s": t2 - t0,
+        "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
+    }
+
+
+def _update(cfg: RunConfig, model, tokenizer, optimizer, kept: list[tuple[Trajectory, float]]) -> dict[str, float]:
+    """`epochs` passes of shuffled minibatches over the kept rollouts."""
+    if not kept:
+        return {"train/optimizer_steps": 0}
+    algo = cfg.algorithm
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(algo.epochs):
+        order = torch.randperm(len(kept)).tolist()
+        for i in range(0, len(order), algo.minibatch_size):
+            rows = [kept[j] for j in order[i:i + algo.minibatch_size]]
+            batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
+            logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
+            segments = {"token": None, "turn": batch.segments,
+                        "trajectory": torch.zeros_like(batch.segments)}[algo.ratio_level]
+            loss, metrics = loop_loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask,
+                                      algo.clip_eps, segments)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip).item()
+            optimizer.step()
+            steps += 1
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+    return {**{f"train/{k}": v / steps for k, v in sums.items()},
+            "train/optimizer_steps": steps, "train/lr": cfg.optim.lr}
+
+
+def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, state) -> None:
+    """SFT on oracle episodes, then evaluate the warm-started policy."""
+    if cfg.sft.steps:
+        rng = np.random.default_rng(cfg.seed)
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=cfg.sft.episodes)]
+        pool = expert_pool(lambda: make_env(cfg.env.id, **cfg.env.kwargs), tokenizer, seeds)
+        progress.start("sft", cfg.sft.steps)
+
+        def on_step(step: int, loss: float) -> None:
+            progress.advance("sft", {"sft/loss": loss})
+            if step % 50 == 0:
+                logger.log({"sft/loss": loss, "sft/step": step}, 0)
+
+        stats = run_sft(model, pool, tokenizer.pad_token_id, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                        lr=cfg.sft.lr, rng=rng, max_seconds=cfg.sft.max_seconds, on_step=on_step)
+        logger.log(stats, 0)
+        state["results"]["sft"] = stats
+        engine.update_weights()
+    if cfg.eval.before_rl:
+        state["results"]["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart")
+
+
+def _evaluate_all(cfg: RunConfig, engine, tokenizer, logger, progress, step: int, tag: str) -> dict[str, Any]:
+    if cfg.eval.episodes == 0:
+        return {}
+    env_kwargs = {**cfg.env.kwargs, **cfg.eval.env_kwargs}
+    modes = {"sampled": cfg.rollout.temperature} | ({"greedy": 0.0} if cfg.eval.greedy else {})
+    results = {}
+    for mode, temperature in modes.items():
+        progress.note(f"evaluating {tag} policy ({mode}, {cfg.eval.episodes} episodes)")
+        results[mode] = evaluate(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
+                                 temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                                 max_tokens=cfg.env.max_tokens)
+        logger.log({f"eval/{tag}/{mode}/{k}": v for k, v in results[mode].items()}, step)
+    progress.note(f"{tag}: " + ", ".join(f"{m} success {r['success_rate']:.1%}" for m, r in results.items()))
+    return results
+
+
+def _restore(path: Path, model, optimizer, sampler: TaskSampler, engine: HFEngine) -> dict[str, Any]:
+    ckpt = CheckpointManager.load(path)
+    load_trainable_state(model, ckpt.model_state)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    sampler.load_state_dict(ckpt.extra["sampler"])
+    restore_rng_state(ckpt.rng_state)
+    engine.version = ckpt.extra["policy_version"]
+    return {"step": ckpt.step, "results": ckpt.extra.get("results", {})}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def config_of_checkpoint(path: Path) -> RunConfig:
+    """The run config stored in a checkpoint's manifest."""
+    return from_dict(CheckpointManager.verify(path)["extra"]["config"])
