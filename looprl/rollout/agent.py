@@ -118,7 +118,8 @@ async def run_episode(
         if budget <= 0:
             truncated = True
             break
-        request = GenerationRequest(builder.input_ids, _clip_params(params, budget))
+        # A copy: the request must not change as the builder grows after the call.
+        request = GenerationRequest(list(builder.input_ids), _clip_params(params, budget))
         (completion,) = await engine.generate([request])
         version = min(version, completion.version)
         builder.add_turn(completion)

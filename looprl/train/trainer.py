@@ -38,14 +38,14 @@ from looprl.types import Trajectory
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run a whole recipe; returns the evaluation results (also in `results.json`)."""
+    make_env(cfg.env.id, **cfg.env.kwargs).close()  # fail fast on a bad env id or kwargs
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    model, tokenizer = build_policy(cfg)
+    # Only a run that can start gets a folder (and a resumed one keeps its files).
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-
-    make_env(cfg.env.id, **cfg.env.kwargs).close()  # fail fast on a bad env id or kwargs
-    model, tokenizer = build_policy(cfg)
     engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

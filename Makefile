@@ -1,0 +1,30 @@
+# The README's commands: `make quickstart` (set up, then train the CPU quickstart) and
+# `make test` (set up, then run the test suite). Both create .venv when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.looprl-installed
+
+.PHONY: setup quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.13.0 first: a looser pin would pull a multi-GB CUDA build on a CPU machine.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/looprl train configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/quickstart_seeds.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,127 @@
+"""The typed, strict run config: every recipe loads; bad keys and values are named."""
+
+from pathlib import Path
+
+import pytest
+
+from looprl.config import ConfigError, RunConfig, load_config, to_yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NOT_RECIPES = {"deepspeed", "accelerate"}  # launcher configs, if any, are not run recipes
+QUICKSTART = CONFIGS / "quickstart.yaml"
+
+
+def _recipes() -> list[Path]:
+    return sorted(p for p in CONFIGS.glob("**/*.yaml") if not NOT_RECIPES & set(p.relative_to(CONFIGS).parts[:-1]))
+
+
+def test_every_recipe_under_configs_loads():
+    recipes = _recipes()
+    assert QUICKSTART in recipes
+    for path in recipes:
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_quickstart_values_are_read():
+    cfg = load_config(QUICKSTART)
+    assert (cfg.name, cfg.lora.enabled, cfg.optim.lr, cfg.rollout.group_size) == ("quickstart", False, 3e-4, 6)
+    assert cfg.env.kwargs["operators"] == "+-*"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("nope=1", "'nope'"),
+    ("algorithm.clip_epsilon=0.2", "'algorithm.clip_epsilon'"),
+    ("model.tiny_size=3", "'model.tiny_size'"),
+])
+def test_unknown_key_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"unknown key {key}"):
+        load_config(QUICKSTART, [override])
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  group_sise: 4\n")
+    with pytest.raises(ConfigError, match="unknown key 'rollout.group_sise'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.group_size=six", "rollout.group_size: Input should be a valid integer (got 'six')"),
+    ("optim.lr=abc", "optim.lr: Input should be a valid number (got 'abc')"),
+    ("lora.enabled=maybe", "lora.enabled: Input should be a valid boolean (got 'maybe')"),
+    ("rollout.group_size=1", "rollout.group_size: Input should be greater than or equal to 2 (got 1)"),
+    ("algorithm.ratio_level=step", "algorithm.ratio_level: Input should be 'token', 'turn' or 'trajectory'"),
+])
+def test_bad_value_names_key_path_and_expectation(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, [override])
+    assert expected in str(info.value)
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(QUICKSTART, [
+        "algorithm.clip_eps=0.2", "eval.greedy=false", "model.tiny.hidden_size=64",
+        "lora.target_modules=[q_proj,v_proj]", "optim.betas=[0.9,0.95]", "name=exp 1",
+    ])
+    assert cfg.algorithm.clip_eps == 0.2 and isinstance(cfg.algorithm.clip_eps, float)
+    assert cfg.eval.greedy is False
+    assert cfg.model.tiny == {"hidden_size": 64}
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.name == "exp 1"
+    assert cfg.rollout.group_size == 6  # untouched keys keep the recipe's value
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML's YAML 1.1 rules read `1e-4` as a string; the strict float field would reject it.
+    assert load_config(QUICKSTART, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  lr: 2e-5\nsft:\n  lr: 1E-3\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.sft.lr) == (2e-5, 1e-3)
+
+
+@pytest.mark.parametrize("override", ["foo", "=3", "a..b=1", ".a=1", "a.=1"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError, match=r"is not of the form key\.path=value"):
+        load_config(None, [override])
+
+
+def test_override_below_a_non_section_is_an_error():
+    with pytest.raises(ConfigError, match="'seed' is not a section"):
+        load_config(QUICKSTART, ["seed.value=1"])
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"Config file '{missing}' does not exist"):
+        load_config(missing)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping, got list"):
+        load_config(path)
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("rollout: {group_size: 4\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(path)
+
+
+def test_empty_yaml_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == RunConfig()
+
+
+def test_to_yaml_round_trip(tmp_path):
+    cfg = load_config(QUICKSTART, ["optim.betas=[0.8,0.9]", "sft.max_seconds=30", "optim.lr=1e-5",
+                                   "lora.target_modules=[q_proj]", "model.tiny.hidden_size=64"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+    assert load_config(path) != load_config(QUICKSTART)  # the comparison sees the overrides
