@@ -75,6 +75,7 @@ class AlgorithmConfig(Section):
     normalize_std: bool = Field(False, description="divide advantages by the group's return std")
     epochs: int = Field(1, gt=0, description="passes over each step's rollouts")
     minibatch_size: int = Field(32, gt=0, description="rollouts per optimizer step")
+    micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (gradients accumulate)")
 
 
 class OptimConfig(Section):

@@ -58,3 +58,23 @@ def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tens
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, batch.input_ids[:, 1:])
+
+
+def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split rows into groups of similar length whose padded size stays under `max_tokens`.
+
+    Sorting by length before packing means one long trajectory no longer pads a whole
+    minibatch (as verl's dynamic batch size does). A row longer than the budget gets a
+    group of its own.
+
+    >>> micro_batches([5, 100, 6, 90], max_tokens=200)
+    [[0, 2], [3, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

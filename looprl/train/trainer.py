@@ -26,7 +26,7 @@ from looprl.envs import make_env
 from looprl.rollout.collect import collect_groups
 from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
-from looprl.train.batch import collate, policy_logprobs
+from looprl.train.batch import collate, micro_batches, policy_logprobs
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.evaluate import evaluate
 from looprl.train.metrics import MetricsLogger, init_wandb
@@ -145,21 +145,32 @@ def _update(cfg: RunConfig, model, tokenizer, optimizer, kept: list[tuple[Trajec
         order = torch.randperm(len(kept)).tolist()
         for i in range(0, len(order), algo.minibatch_size):
             rows = [kept[j] for j in order[i:i + algo.minibatch_size]]
-            batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
-            logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
-            segments = {"token": None, "turn": batch.segments,
-                        "trajectory": torch.zeros_like(batch.segments)}[algo.ratio_level]
-            loss, metrics = loop_loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask,
-                                      algo.clip_eps, segments)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip).item()
+            for group in micro_batches([len(t.input_ids) for t, _ in rows], algo.micro_batch_tokens):
+                # Each micro-batch's loss is a mean over its rows: weight it by its share
+                # so the accumulated gradient is the minibatch mean.
+                weight = len(group) / len(rows)
+                metrics = _micro_step(cfg, model, tokenizer, [rows[g] for g in group], weight)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value * weight
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
+                params, cfg.optim.grad_clip).item()
             optimizer.step()
             steps += 1
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
     return {**{f"train/{k}": v / steps for k, v in sums.items()},
             "train/optimizer_steps": steps, "train/lr": cfg.optim.lr}
+
+
+def _micro_step(cfg: RunConfig, model, tokenizer, rows: list[tuple[Trajectory, float]], weight: float):
+    """Forward and backward one micro-batch; returns its loss metrics."""
+    batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
+    logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
+    segments = {"token": None, "turn": batch.segments,
+                "trajectory": torch.zeros_like(batch.segments)}[cfg.algorithm.ratio_level]
+    loss, metrics = loop_loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask,
+                              cfg.algorithm.clip_eps, segments)
+    (loss * weight).backward()
+    return metrics
 
 
 def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, state) -> None:
@@ -177,7 +188,7 @@ def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, stat
 
         stats = run_sft(model, pool, tokenizer.pad_token_id, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
                         lr=cfg.sft.lr, rng=rng, max_seconds=cfg.sft.max_seconds, on_step=on_step)
-        logger.log(stats, 0)
+        logger.log({f"sft/{k}": v for k, v in stats.items()}, 0)
         state["results"]["sft"] = stats
         engine.update_weights()
     if cfg.eval.before_rl:

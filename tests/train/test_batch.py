@@ -1,0 +1,68 @@
+"""Collation and micro-batching: splitting a minibatch must not change its gradient."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from looprl.algorithms.loop import loop_loss
+from looprl.config import from_dict
+from looprl.train.batch import collate, micro_batches, policy_logprobs
+from looprl.train.policy import build_policy
+from looprl.train.trainer import _micro_step
+from looprl.types import Trajectory
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+
+
+def random_trajectory(rng: random.Random, vocab: int, length: int) -> Trajectory:
+    ids = [rng.randrange(vocab) for _ in range(length)]
+    mask = [0] * (length // 2) + [1] * (length - length // 2)
+    logprobs = [-rng.random() * 3 if m else 0.0 for m in mask]
+    return Trajectory(ids, mask, logprobs, turn_spans=[(length // 2, length)])
+
+
+def test_micro_batches_pack_by_length_under_the_budget():
+    lengths = [5, 100, 6, 90, 300]
+    groups = micro_batches(lengths, max_tokens=200)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    for group in groups:
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 200
+    assert [4] in groups  # longer than the budget: alone
+
+
+@pytest.mark.parametrize("budget", [64, 10_000])
+def test_accumulated_micro_batches_give_the_minibatch_gradient(budget):
+    cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": False},
+                     "algorithm": {"micro_batch_tokens": budget}})
+    model, tokenizer = build_policy(cfg)
+    rng = random.Random(0)
+    rows = [(random_trajectory(rng, len(tokenizer), n), a)
+            for n, a in zip([7, 30, 12, 25, 9], [1.0, -0.5, 0.25, -1.0, 0.75])]
+
+    batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
+    loss, _ = loop_loss(policy_logprobs(model, batch), batch.old_logprobs, batch.advantages, batch.loss_mask)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    groups = micro_batches([len(t.input_ids) for t, _ in rows], budget)
+    assert (len(groups) > 1) == (budget == 64)
+    for group in groups:
+        _micro_step(cfg, model, tokenizer, [rows[g] for g in group], len(group) / len(rows))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_collate_aligns_targets_and_turns():
+    traj = Trajectory([5, 6, 7, 8, 9], [0, 0, 1, 1, 0], [0.0, 0.0, -0.1, -0.2, 0.0], turn_spans=[(2, 4)])
+    batch = collate([traj, Trajectory([1, 2], [0, 1], [0.0, -0.3])], pad_id=0, advantages=[1.0, -1.0])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    # Position t predicts token t+1: the mask and old logprobs shift left by one.
+    assert batch.loss_mask.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
+    torch.testing.assert_close(batch.old_logprobs, torch.tensor([[0.0, -0.1, -0.2, 0.0], [-0.3, 0, 0, 0]]))
+    assert batch.segments[0].tolist() == [0, 0, 0, 0]
+    assert batch.advantages.tolist() == [1.0, -1.0]
