@@ -47,7 +47,7 @@ def run_sft(
     max_seconds: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Train on random minibatches of `pool`; returns the final loss, steps and seconds."""
+    """Train on random minibatches of `pool`; returns the final `loss`, `steps` and `seconds`."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start, loss_value, step = time.perf_counter(), float("nan"), 0
@@ -63,4 +63,4 @@ def run_sft(
             on_step(step, loss_value)
         if max_seconds is not None and time.perf_counter() - start >= max_seconds:
             break
-    return {"sft/loss": loss_value, "sft/steps": step, "sft/seconds": time.perf_counter() - start}
+    return {"loss": loss_value, "steps": step, "seconds": time.perf_counter() - start}
