@@ -51,17 +51,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    def seed_pair(seed: int) -> tuple[dict, dict]:
+        """The LOOP run, then its control with the same training time."""
+        rl = run(f"rl_seed{seed}", out, [f"seed={seed}", *args.overrides])
+        budget = rl["sft"]["seconds"] + rl["rl"]["seconds"]
+        control = run(f"sft_seed{seed}", out, [f"seed={seed}", *args.overrides, "train.steps=0",
+                                               "eval.before_rl=false", "sft.steps=1000000",
+                                               f"sft.max_seconds={budget:.1f}"])
+        return rl, control
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        rl = dict(zip(args.seeds, pool.map(
-            lambda s: run(f"rl_seed{s}", out, [f"seed={s}", *args.overrides]), args.seeds)))
-
-        def control(seed: int) -> dict:
-            budget = rl[seed]["sft"]["seconds"] + rl[seed]["rl"]["seconds"]
-            return run(f"sft_seed{seed}", out, [f"seed={seed}", *args.overrides, "train.steps=0",
-                                                "eval.before_rl=false", "sft.steps=1000000",
-                                                f"sft.max_seconds={budget:.1f}"])
-
-        ctrl = dict(zip(args.seeds, pool.map(control, args.seeds)))
+        pairs = dict(zip(args.seeds, pool.map(seed_pair, args.seeds)))
+    rl = {seed: pair[0] for seed, pair in pairs.items()}
+    ctrl = {seed: pair[1] for seed, pair in pairs.items()}
 
     rows = []
     for seed in args.seeds:

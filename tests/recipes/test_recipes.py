@@ -86,3 +86,18 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(tiny_recipe(tmp_path), resume=True)
+
+
+def test_eval_cli_on_a_run_writes_its_report_next_to_it(tmp_path):
+    import json
+
+    from looprl.cli import main
+
+    cfg = tiny_recipe(tmp_path, train={"steps": 1})
+    train(cfg)
+    code = main(["eval", "--model", str(cfg.run_dir), "--env", "looprl/Calc-v0", "--episodes", "6",
+                 "--max-new-tokens", "16"])
+    assert code == 0
+    report = json.loads((cfg.run_dir / "eval_looprl_Calc-v0_test_t1.json").read_text())
+    assert report["episodes"] == 6 and report["env"] == "looprl/Calc-v0"
+    assert 0.0 <= report["success_rate"] <= 1.0 and report["mean_turns"] >= 1
