@@ -73,7 +73,7 @@ class AlgorithmConfig(Section):
     ratio_level: Literal["token", "turn", "trajectory"] = Field("token", description="importance ratio granularity")
     adv_threshold: float = Field(0.01, ge=0, description="rollouts with |advantage| below this are dropped")
     normalize_std: bool = Field(False, description="divide advantages by the group's return std")
-    epochs: int = Field(1, gt=0, description="passes over each step's rollouts")
+    epochs: int = Field(2, gt=0, description="passes of shuffled minibatches over each step's rollouts")
     minibatch_size: int = Field(32, gt=0, description="rollouts per optimizer step")
     micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (gradients accumulate)")
 

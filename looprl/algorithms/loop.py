@@ -11,7 +11,9 @@ Every sampled token of rollout i carries A_i in a PPO clipped objective with a
 per-token ratio and the asymmetric range [1/(1+eps), 1+eps] (eps = 0.1); losses are a
 token-mean within each rollout. Rollouts with |A_i| < 0.01 carry no signal and are
 dropped. No KL penalty. Options: normalise advantages by the group's std (off in the
-paper), and compute the ratio per turn or per trajectory instead of per token.
+paper), and compute the ratio per turn or per trajectory instead of per token. The
+paper's ablations (AppWorld, section 5) favour exactly the defaults: per-token over
+per-turn over per-trajectory ratios, no std normalisation, no KL.
 """
 
 from __future__ import annotations

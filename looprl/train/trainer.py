@@ -33,6 +33,7 @@ from looprl.train.metrics import MetricsLogger, init_wandb
 from looprl.train.policy import build_policy, load_trainable_state, trainable_state
 from looprl.train.progress import RunProgress
 from looprl.train.sft import expert_pool, run_sft
+from looprl.train.stop import GracefulStop
 from looprl.types import Trajectory
 
 
@@ -79,16 +80,22 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             save()
         start = time.perf_counter()
         progress.start("rl", cfg.train.steps, completed=state["step"])
-        while state["step"] < cfg.train.steps:
-            if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
-                break
-            state["step"] += 1
-            metrics = rl_step(cfg, model, tokenizer, engine, optimizer, sampler)
-            logger.log(metrics, state["step"])
-            progress.advance("rl", metrics)
-            if state["step"] % cfg.train.save_every == 0:
-                save()
+        with GracefulStop() as stop:
+            while state["step"] < cfg.train.steps and not stop.requested:
+                if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
+                    break
+                state["step"] += 1
+                metrics = rl_step(cfg, model, tokenizer, engine, optimizer, sampler)
+                logger.log(metrics, state["step"])
+                progress.advance("rl", metrics)
+                if state["step"] % cfg.train.save_every == 0:
+                    save()
         state["results"]["rl"] = {"steps": state["step"], "seconds": time.perf_counter() - start}
+        if stop.requested:
+            progress.note(f"stopped at step {state['step']}: saving a checkpoint; continue with --resume")
+            save(blocking=True)
+            logger.close()
+            raise KeyboardInterrupt
         state["results"]["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, state["step"], "final")
         save(blocking=True)
     logger.close()

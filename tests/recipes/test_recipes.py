@@ -101,3 +101,38 @@ def test_eval_cli_on_a_run_writes_its_report_next_to_it(tmp_path):
     report = json.loads((cfg.run_dir / "eval_looprl_Calc-v0_test_t1.json").read_text())
     assert report["episodes"] == 6 and report["env"] == "looprl/Calc-v0"
     assert 0.0 <= report["success_rate"] <= 1.0 and report["mean_turns"] >= 1
+
+
+def test_ctrl_c_saves_the_last_complete_step_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import looprl.train.trainer as trainer
+
+    whole = tiny_recipe(tmp_path / "a")
+    train(whole)
+
+    real_step = trainer.rl_step
+    calls = []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        metrics = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # mid-run of step 1 of 4, the user presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(trainer, "rl_step", step_then_ctrl_c)
+    part = tiny_recipe(tmp_path / "b", train={"save_every": 100})
+    with pytest.raises(KeyboardInterrupt):
+        train(part)
+    assert len(calls) == 1, "the step in progress finishes, no new one starts"
+    assert final_state(part.run_dir)[0] == 1
+    monkeypatch.setattr(trainer, "rl_step", real_step)
+    train(part, resume=True)
+
+    _, state_a = final_state(whole.run_dir)
+    _, state_b = final_state(part.run_dir)
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=0, msg=key)
+    assert rl_records(part.run_dir) == rl_records(whole.run_dir)
