@@ -136,3 +136,19 @@ def test_ctrl_c_saves_the_last_complete_step_and_resume_finishes_the_run(tmp_pat
     for key in state_a:
         torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=0, msg=key)
     assert rl_records(part.run_dir) == rl_records(whole.run_dir)
+
+
+def test_a_model_folder_trains_with_lora_like_a_hub_model(tmp_path):
+    """A transformers folder (what a user downloads) goes through the same path as looprl/tiny."""
+    from looprl.train.export import export
+
+    first = tiny_recipe(tmp_path / "a", lora={"enabled": False}, train={"steps": 1})
+    train(first)
+    folder = export(first.run_dir, tmp_path / "exported")
+
+    second = tiny_recipe(tmp_path / "b", model={"name": str(folder), "tiny": {}}, train={"steps": 2})
+    train(second)
+    step, state = final_state(second.run_dir)
+    assert step == 2 and state and all("lora_" in k for k in state)
+    export(second.run_dir, tmp_path / "exported2")
+    assert (tmp_path / "exported2" / "model.safetensors").is_file()
