@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
@@ -53,8 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("envs", help="list registered environments with their tools")
+    p = sub.add_parser("envs", help="list environments; `envs check ID`, `envs play ID`")
     p.set_defaults(func=_envs)
+    envs = p.add_subparsers(metavar="ACTION")
+    c = envs.add_parser("check", help="check an environment against the looprl contract")
+    c.add_argument("env_id", help="environment id, e.g. looprl/Calc-v0")
+    c.add_argument("kwargs", nargs="*", help="env kwargs as key=value (e.g. split=test)")
+    c.add_argument("--episodes", type=int, default=100, help="oracle episodes")
+    c.add_argument("--hostile", type=int, default=1000, help="malformed/hostile actions to send")
+    c.set_defaults(func=_envs_check)
+    c = envs.add_parser("play", help="play an environment in the terminal, as the agent")
+    c.add_argument("env_id", help="environment id, e.g. looprl/Calc-v0")
+    c.add_argument("kwargs", nargs="*", help="env kwargs as key=value (e.g. split=test)")
+    c.add_argument("--seed", type=int, default=0, help="task seed")
+    c.set_defaults(func=_envs_play)
     return parser
 
 
@@ -139,6 +152,65 @@ def _envs(args) -> int:
         tools = "\n".join(f"{t['name']}: {t['description']}" for t in env["tools"])
         table.add_row(env["id"], env["description"], tools, env["reward"])
     console.print(table)
+    return 0
+
+
+def _env_kwargs(items: list[str]) -> dict:
+    from looprl.config import ConfigError, apply_override
+
+    kwargs: dict = {}
+    for item in items:
+        if "." in item.partition("=")[0]:
+            raise ConfigError(f"Env kwarg {item!r} is not of the form key=value")
+        apply_override(kwargs, item)
+    return kwargs
+
+
+def _envs_check(args) -> int:
+    from looprl.envs.checker import check
+
+    results = check(args.env_id, episodes=args.episodes, hostile=args.hostile, **_env_kwargs(args.kwargs))
+    table = Table(title=f"looprl envs check {args.env_id}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]", r.detail)
+    console.print(table)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _envs_play(args) -> int:
+    """Read the agent's raw turns from stdin; /oracle plays the expert's turn, /quit stops."""
+    from looprl.envs import make_env
+
+    env = make_env(args.env_id, **_env_kwargs(args.kwargs)).unwrapped
+    obs, info = env.reset(seed=args.seed)
+    for message in info["messages"]:
+        console.print(Text.assemble((message["role"], "bold"), ": ", message["content"]))
+    console.print(Text("tools:", style="bold"))
+    for schema in info["tools"]:
+        console.print(json.dumps(schema["function"]), markup=False, soft_wrap=True)
+    console.print("Type the assistant's turn (tool calls as <tool_call>{...}</tool_call>); "
+                  "/oracle plays the expert's turn, /quit stops.", style="dim")
+    total, done = 0.0, False
+    while not done:
+        try:
+            line = input("assistant> ")
+        except EOFError:
+            break
+        if line.strip() == "/quit":
+            break
+        action = env.oracle_action() if line.strip() == "/oracle" else line
+        if line.strip() == "/oracle":
+            console.print(action, markup=False)
+        obs, reward, terminated, truncated, info = env.step(action)
+        total += reward
+        for message in info["messages"]:
+            console.print(Text.assemble((message["role"], "bold"), f" ({message.get('name', '')}): ",
+                                        message["content"]))
+        done = terminated or truncated
+    console.print(f"return {total:g}, success {bool(info.get('success'))}"
+                  + (" (terminated)" if done and terminated else " (truncated)" if done else ""))
     return 0
 
 

@@ -98,3 +98,27 @@ def test_envs_lists_calc_and_its_tools(capsys):
     assert "looprl/Calc-v0" in out
     assert "calculator:" in out
     assert "answer:" in out
+
+
+def test_envs_check_reports_every_check(capsys):
+    assert main(["envs", "check", "looprl/Calc-v0", "--episodes", "5", "--hostile", "20"]) == 0
+    out = capsys.readouterr().out
+    for check in ("gymnasium checker", "determinism", "replay", "hostile actions", "oracle", "empty policy"):
+        assert check in out
+
+
+def test_envs_check_names_a_bad_env_kwarg(capsys):
+    assert main(["envs", "check", "looprl/Calc-v0", "bogus=1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bogus" in err
+
+
+def test_envs_play_shows_what_the_agent_sees_and_plays_the_oracle(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/oracle\n/oracle\n"))
+    assert main(["envs", "play", "looprl/Calc-v0", "split=test", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Compute" in out and "calculator" in out
+    assert "no tool call found" in out  # the person's plain text got the agent's error message
+    assert "return 1, success True" in out

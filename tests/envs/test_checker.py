@@ -180,3 +180,20 @@ def test_make_env_names_an_unknown_id():
 def test_make_env_builds_a_registered_id():
     env = make_env("looprl/Calc-v0", max_turns=2)
     assert env.unwrapped.max_turns == 2
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_looprl_env_checker_passes(env_id):
+    from looprl.envs.checker import check
+
+    results = check(env_id, episodes=20, hostile=300)
+    assert [r.name for r in results if not r.ok] == [], results
+
+
+def test_looprl_env_checker_reports_a_broken_env(monkeypatch):
+    from looprl.envs.calc import CalcEnv
+    from looprl.envs.checker import check
+
+    monkeypatch.setattr(CalcEnv, "oracle_action", lambda self: "I give up")
+    failed = {r.name: r.detail for r in check("looprl/Calc-v0", episodes=10, hostile=10) if not r.ok}
+    assert "oracle" in failed and "solved 0.0% of 10" in failed["oracle"]
