@@ -57,7 +57,10 @@ def make_env(env_id: str, **kwargs: Any) -> gymnasium.Env:
         raise ValueError(
             f"Unknown environment id {env_id!r}; registered looprl environments: {known}"
         )
-    return gymnasium.make(env_id, **kwargs)
+    try:
+        return gymnasium.make(env_id, **kwargs)
+    except TypeError as e:  # an unknown or missing constructor argument
+        raise ValueError(f"Bad arguments for environment {env_id!r} {kwargs}: {e}".split(" was raised")[0]) from None
 
 
 def list_envs() -> list[dict[str, Any]]:
