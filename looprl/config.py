@@ -67,15 +67,25 @@ class RolloutConfig(Section):
     max_batch_size: int = Field(128, gt=0, description="the most sequences in one generate call")
 
 
-class AlgorithmConfig(Section):
+class UpdateConfig(Section):
+    """How each step's rollouts become optimizer steps (shared by the algorithms)."""
+
+    epochs: int = Field(2, gt=0, description="passes of shuffled minibatches over each step's rollouts")
+    minibatch_size: int = Field(32, gt=0, description="rollouts per optimizer step")
+    micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (gradients accumulate)")
+
+
+class LoopConfig(UpdateConfig):
+    """LOOP (leave-one-out PPO); see looprl/algorithms/loop.py."""
+
     name: Literal["loop"] = Field("loop", description="RL algorithm")
     clip_eps: float = Field(0.1, gt=0, description="LOOP ratio range [1/(1+eps), 1+eps]")
     ratio_level: Literal["token", "turn", "trajectory"] = Field("token", description="importance ratio granularity")
     adv_threshold: float = Field(0.01, ge=0, description="rollouts with |advantage| below this are dropped")
     normalize_std: bool = Field(False, description="divide advantages by the group's return std")
-    epochs: int = Field(2, gt=0, description="passes of shuffled minibatches over each step's rollouts")
-    minibatch_size: int = Field(32, gt=0, description="rollouts per optimizer step")
-    micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (gradients accumulate)")
+
+
+AlgorithmConfig = LoopConfig
 
 
 class OptimConfig(Section):
@@ -123,7 +133,7 @@ class RunConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings")
     env: EnvConfig = Field(default_factory=EnvConfig, description="the training environment")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="rollout sampling")
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="the RL algorithm")
+    algorithm: AlgorithmConfig = Field(default_factory=LoopConfig, description="the RL algorithm")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="the RL optimizer")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="the SFT warm-start")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the RL loop")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from looprl.algorithms.core import clipped_policy_loss
+from looprl.config import LoopConfig
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, normalize_std: bool = False) -> torch.Tensor:
@@ -62,3 +63,27 @@ def loop_loss(
     """The LOOP policy loss on a minibatch: (B, T) logprobs, (B,) advantages."""
     clip_low, clip_high = clip_range(eps)
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments)
+
+
+class LOOP:
+    """LOOP as the trainer uses it: advantages for a step's groups, then the loss.
+
+    Args:
+        cfg: the `algorithm` section of the run config.
+    """
+
+    # Micro-batch losses are means over rows: accumulate them weighted by row share.
+    aggregates_over = "sequences"
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, K) returns -> (G, K) advantages and the (G, K) mask of rollouts to train on."""
+        advantages = leave_one_out_advantages(rewards, self.cfg.normalize_std)
+        return advantages, keep_mask(advantages, self.cfg.adv_threshold)
+
+    def loss(self, logprobs, old_logprobs, advantages, mask, turns) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped loss on (B, T) tensors; `turns` is the (B, T) turn index of each token."""
+        segments = {"token": None, "turn": turns, "trajectory": torch.zeros_like(turns)}[self.cfg.ratio_level]
+        return loop_loss(logprobs, old_logprobs, advantages, mask, self.cfg.clip_eps, segments)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from looprl.algorithms.loop import keep_mask, leave_one_out_advantages, loop_loss
+from looprl.algorithms import build_algorithm
 from looprl.config import RunConfig, from_dict, to_yaml
 from looprl.envs import make_env
 from looprl.rollout.collect import collect_groups
@@ -114,11 +114,11 @@ def rl_step(cfg: RunConfig, model, tokenizer, engine: HFEngine, optimizer, sampl
     )
     t1 = time.perf_counter()
     rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
-    advantages = leave_one_out_advantages(rewards, cfg.algorithm.normalize_std)  # (G, K)
-    keep = keep_mask(advantages, cfg.algorithm.adv_threshold)
+    algorithm = build_algorithm(cfg.algorithm)
+    advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
     kept = [(t, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
             for t, a, ok in zip(g, adv, k) if ok]
-    train_metrics = _update(cfg, model, tokenizer, optimizer, kept)
+    train_metrics = _update(cfg, algorithm, model, tokenizer, optimizer, kept)
     engine.update_weights()
     t2 = time.perf_counter()
     flat = [t for g in groups for t in g]
@@ -140,24 +140,22 @@ def rl_step(cfg: RunConfig, model, tokenizer, engine: HFEngine, optimizer, sampl
     }
 
 
-def _update(cfg: RunConfig, model, tokenizer, optimizer, kept: list[tuple[Trajectory, float]]) -> dict[str, float]:
-    """`epochs` passes of shuffled minibatches over the kept rollouts."""
+def _update(cfg: RunConfig, algorithm, model, tokenizer, optimizer,
+            kept: list[tuple[Trajectory, float]]) -> dict[str, float]:
+    """`epochs` passes of shuffled minibatches over the kept rollouts, one optimizer step each."""
     if not kept:
         return {"train/optimizer_steps": 0}
-    algo = cfg.algorithm
+    update = cfg.algorithm
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     steps = 0
-    for _ in range(algo.epochs):
+    for _ in range(update.epochs):
         order = torch.randperm(len(kept)).tolist()
-        for i in range(0, len(order), algo.minibatch_size):
-            rows = [kept[j] for j in order[i:i + algo.minibatch_size]]
+        for i in range(0, len(order), update.minibatch_size):
+            rows = [kept[j] for j in order[i:i + update.minibatch_size]]
             optimizer.zero_grad(set_to_none=True)
-            for group in micro_batches([len(t.input_ids) for t, _ in rows], algo.micro_batch_tokens):
-                # Each micro-batch's loss is a mean over its rows: weight it by its share
-                # so the accumulated gradient is the minibatch mean.
-                weight = len(group) / len(rows)
-                metrics = _micro_step(cfg, model, tokenizer, [rows[g] for g in group], weight)
+            for group, weight in _micro_groups(algorithm, rows, update.micro_batch_tokens):
+                metrics = _micro_step(cfg, algorithm, model, tokenizer, [rows[g] for g in group], weight)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value * weight
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
@@ -168,14 +166,27 @@ def _update(cfg: RunConfig, model, tokenizer, optimizer, kept: list[tuple[Trajec
             "train/optimizer_steps": steps, "train/lr": cfg.optim.lr}
 
 
-def _micro_step(cfg: RunConfig, model, tokenizer, rows: list[tuple[Trajectory, float]], weight: float):
+def _micro_groups(algorithm, rows: list[tuple[Trajectory, float]], max_tokens: int):
+    """Length-sorted micro-batches with their share of the minibatch loss.
+
+    A micro-batch loss is a mean over its rows or over its sampled tokens (the
+    algorithm says which); weighting it by its share of the minibatch's rows or tokens
+    makes the accumulated gradient that of the whole minibatch.
+    """
+    groups = micro_batches([len(t.input_ids) for t, _ in rows], max_tokens)
+    if algorithm.aggregates_over == "tokens":
+        sizes = [sum(rows[g][0].num_sampled_tokens for g in group) for group in groups]
+    else:
+        sizes = [len(group) for group in groups]
+    total = max(sum(sizes), 1)
+    return [(group, size / total) for group, size in zip(groups, sizes)]
+
+
+def _micro_step(cfg: RunConfig, algorithm, model, tokenizer, rows: list[tuple[Trajectory, float]], weight: float):
     """Forward and backward one micro-batch; returns its loss metrics."""
     batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
     logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
-    segments = {"token": None, "turn": batch.segments,
-                "trajectory": torch.zeros_like(batch.segments)}[cfg.algorithm.ratio_level]
-    loss, metrics = loop_loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask,
-                              cfg.algorithm.clip_eps, segments)
+    loss, metrics = algorithm.loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, batch.segments)
     (loss * weight).backward()
     return metrics
 

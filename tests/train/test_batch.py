@@ -11,7 +11,8 @@ from looprl.algorithms.loop import loop_loss
 from looprl.config import from_dict
 from looprl.train.batch import collate, micro_batches, policy_logprobs
 from looprl.train.policy import build_policy
-from looprl.train.trainer import _micro_step
+from looprl.algorithms import build_algorithm
+from looprl.train.trainer import _micro_groups, _micro_step
 from looprl.types import Trajectory
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
@@ -48,10 +49,11 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(budget):
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    groups = micro_batches([len(t.input_ids) for t, _ in rows], budget)
+    algorithm = build_algorithm(cfg.algorithm)
+    groups = _micro_groups(algorithm, rows, budget)
     assert (len(groups) > 1) == (budget == 64)
-    for group in groups:
-        _micro_step(cfg, model, tokenizer, [rows[g] for g in group], len(group) / len(rows))
+    for group, weight in groups:
+        _micro_step(cfg, algorithm, model, tokenizer, [rows[g] for g in group], weight)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-4, msg=name)
 
