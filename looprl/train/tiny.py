@@ -109,7 +109,9 @@ def tiny_path(spec: TinySpec) -> Path:
 def _build(spec: TinySpec, out: Path) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tokenizer = build_tokenizer(spec.vocab_size)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
