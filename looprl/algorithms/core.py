@@ -20,6 +20,31 @@ def sequence_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(x, mask, dim=-1).mean()
 
 
+def aggregate_loss(
+    x: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_len: int | None = None
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar; the modes are verl's `loss_agg_mode` names.
+
+    - "token-mean": sum over every masked token of the batch / their number (DAPO).
+    - "seq-mean-token-mean": token-mean within each sequence, then mean over sequences
+      (GRPO, Shao et al., 2024, eq. 3).
+    - "seq-mean-token-sum-norm": each sequence's token-sum / `max_len`, then mean over
+      sequences (Dr. GRPO's constant normaliser, Liu et al., 2025).
+    """
+    if loss_agg == "token-mean":
+        return masked_mean(x, mask)
+    if loss_agg == "seq-mean-token-mean":
+        return sequence_token_mean(x, mask)
+    if loss_agg == "seq-mean-token-sum-norm":
+        if max_len is None or max_len <= 0:
+            raise ValueError(f"'seq-mean-token-sum-norm' needs a positive max_len, actually: {max_len}")
+        return (masked_sum(x, mask, dim=-1) / max_len).mean()
+    raise ValueError(
+        "Expected loss_agg 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum-norm', "
+        f"actually: {loss_agg!r}"
+    )
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids] without materialising the full log-softmax: (B, T, V) -> (B, T)."""
     logits = logits.float()
