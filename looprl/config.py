@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 
 class ConfigError(ValueError):
@@ -85,7 +85,29 @@ class LoopConfig(UpdateConfig):
     normalize_std: bool = Field(False, description="divide advantages by the group's return std")
 
 
-AlgorithmConfig = LoopConfig
+class GRPOConfig(UpdateConfig):
+    """GRPO and its variants (Dr. GRPO, DAPO); see looprl/algorithms/grpo.py."""
+
+    name: Literal["grpo"] = Field("grpo", description="RL algorithm")
+    scale: Literal["std", "none"] = Field("std", description="advantage scale: group std (GRPO) or none (Dr. GRPO)")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="ratio clipped below at 1 - clip_low")
+    clip_high: float = Field(0.28, gt=0, description="ratio clipped above at 1 + clip_high (DAPO clip-higher)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="how per-token losses become one loss")
+    max_len: int | None = Field(None, gt=0, description="seq-mean-token-sum-norm divisor (None: env.max_tokens)")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference (the model with LoRA disabled)")
+    filter_zero_variance: bool = Field(True, description="drop groups whose rewards are all equal (DAPO)")
+
+
+def _algorithm_name(value: Any) -> str:
+    # An `algorithm:` section without a name is LOOP, the default algorithm.
+    return value.get("name", "loop") if isinstance(value, dict) else value.name
+
+
+AlgorithmConfig = Annotated[
+    Union[Annotated[LoopConfig, Tag("loop")], Annotated[GRPOConfig, Tag("grpo")]],
+    Discriminator(_algorithm_name),
+]
 
 
 class OptimConfig(Section):
@@ -202,7 +224,10 @@ def _tuples(data: Any) -> Any:
 def _describe(error: ValidationError) -> str:
     parts = []
     for err in error.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc, note = list(err["loc"]), ""
+        if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in ("loop", "grpo"):
+            note = f" (for algorithm {loc.pop(1)!r})"  # pydantic's tag of the union member
+        key = ".".join(str(p) for p in loc) + note
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         else:

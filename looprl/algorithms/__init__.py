@@ -2,16 +2,18 @@
 
 `build_algorithm(cfg.algorithm)` gives the object the trainer uses: it exposes
 `advantages(rewards) -> (advantages, keep)`, `loss(logprobs, old_logprobs, advantages,
-mask, turns) -> (loss, metrics)` and `aggregates_over` ("sequences" or "tokens": how
+mask, turns[, ref_logprobs]) -> (loss, metrics)`, `needs_reference`, and `aggregates_over` ("sequences" or "tokens": how
 micro-batch losses combine into a minibatch loss).
 """
 
 from __future__ import annotations
 
+from looprl.algorithms.grpo import GRPO
 from looprl.algorithms.loop import LOOP
-
-ALGORITHMS = {"loop": LOOP}
 
 
 def build_algorithm(cfg):
-    return ALGORITHMS[cfg.name](cfg)
+    """The algorithm object for a run config (`cfg.algorithm.name` picks it)."""
+    if cfg.algorithm.name == "grpo":
+        return GRPO(cfg.algorithm, max_len=cfg.env.max_tokens)
+    return LOOP(cfg.algorithm)

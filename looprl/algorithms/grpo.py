@@ -133,3 +133,32 @@ def grpo_loss(
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask).item()
     return loss, metrics
+
+
+class GRPO:
+    """GRPO as the trainer uses it (see `looprl.algorithms.LOOP` for the interface).
+
+    Args:
+        cfg: the `algorithm` section of the run config (a `GRPOConfig`).
+        max_len: the Dr. GRPO divisor when `cfg.max_len` is None (the episode token limit).
+    """
+
+    def __init__(self, cfg, max_len: int):
+        self.cfg = cfg
+        self.max_len = cfg.max_len or max_len
+        self.aggregates_over = "tokens" if cfg.loss_agg == "token-mean" else "sequences"
+        self.needs_reference = cfg.kl_coef > 0
+
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        advantages = group_advantages(rewards, self.cfg.scale)
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        if self.cfg.filter_zero_variance:
+            keep &= ~zero_variance_groups(rewards)[:, None]
+        return advantages, keep
+
+    def loss(self, logprobs, old_logprobs, advantages, mask, turns, ref_logprobs=None):
+        return grpo_loss(
+            logprobs, old_logprobs, advantages, mask, self.cfg.clip_low, self.cfg.clip_high,
+            loss_agg=self.cfg.loss_agg, max_len=self.max_len,
+            ref_logprobs=ref_logprobs, kl_coef=self.cfg.kl_coef,
+        )

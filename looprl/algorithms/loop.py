@@ -74,6 +74,7 @@ class LOOP:
 
     # Micro-batch losses are means over rows: accumulate them weighted by row share.
     aggregates_over = "sequences"
+    needs_reference = False  # LOOP has no KL term
 
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg

@@ -78,3 +78,15 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Logprobs under the reference policy: the same model with its LoRA adapter disabled,
+    so the reference costs a forward pass, not a second copy of the weights."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ValueError("A KL penalty needs lora.enabled=true: the reference is the model with its adapter disabled")
+    with model.disable_adapter():
+        return policy_logprobs(model, batch, temperature)

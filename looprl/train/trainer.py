@@ -26,7 +26,7 @@ from looprl.envs import make_env
 from looprl.rollout.collect import collect_groups
 from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
-from looprl.train.batch import collate, micro_batches, policy_logprobs
+from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.evaluate import evaluate
 from looprl.train.metrics import MetricsLogger, init_wandb
@@ -114,7 +114,7 @@ def rl_step(cfg: RunConfig, model, tokenizer, engine: HFEngine, optimizer, sampl
     )
     t1 = time.perf_counter()
     rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
-    algorithm = build_algorithm(cfg.algorithm)
+    algorithm = build_algorithm(cfg)
     advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
     kept = [(t, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
             for t, a, ok in zip(g, adv, k) if ok]
@@ -186,7 +186,11 @@ def _micro_step(cfg: RunConfig, algorithm, model, tokenizer, rows: list[tuple[Tr
     """Forward and backward one micro-batch; returns its loss metrics."""
     batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
     logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
-    loss, metrics = algorithm.loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, batch.segments)
+    extra = {}
+    if algorithm.needs_reference:
+        extra["ref_logprobs"] = reference_logprobs(model, batch, cfg.rollout.temperature)
+    loss, metrics = algorithm.loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, batch.segments,
+                                   **extra)
     (loss * weight).backward()
     return metrics
 

@@ -19,18 +19,38 @@ def tiny_recipe(tmp_path, **sections):
     base = {
         "name": "t", "output_dir": str(tmp_path), "seed": 3, "progress": False,
         "model": {"name": "looprl/tiny", "tiny": TINY},
-        "lora": {"enabled": True, "r": 4, "alpha": 8},
-        "env": {"id": "looprl/Calc-v0", "kwargs": {"max_operand": 9}, "max_tokens": 192},
-        "rollout": {"tasks_per_step": 4, "group_size": 3, "max_new_tokens": 24},
-        "algorithm": {"epochs": 2, "minibatch_size": 4, "adv_threshold": 0.0},
-        "optim": {"lr": 1e-2, "grad_clip": 1.0},
-        "sft": {"steps": 3, "batch_size": 4, "episodes": 16},
+        "lora": {"enabled": False, "r": 16, "alpha": 32},
+        # Operands of 1-2 and 80 SFT steps: the policy succeeds ~15% of the time, so
+        # groups have reward variance and the policy gradient is not zero.
+        "env": {"id": "looprl/Calc-v0", "kwargs": {"max_operand": 2}, "max_tokens": 192},
+        "rollout": {"tasks_per_step": 6, "group_size": 4, "max_new_tokens": 24},
+        "algorithm": {"epochs": 2, "minibatch_size": 4},
+        # No weight decay: any change to the weights comes from the policy gradient.
+        "optim": {"lr": 1e-2, "grad_clip": 1.0, "weight_decay": 0.0},
+        "sft": {"steps": 80, "batch_size": 16, "lr": 2e-2, "episodes": 64},
         "train": {"steps": 4, "save_every": 2},
         "eval": {"episodes": 0},
     }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory):
+    """A warm-started tiny model folder: what LoRA adapts (LoRA cannot learn from random weights)."""
+    from looprl.train.export import export
+
+    root = tmp_path_factory.mktemp("warm")
+    cfg = tiny_recipe(root, train={"steps": 0})
+    train(cfg)
+    return export(cfg.run_dir, root / "model")
+
+
+def lora_recipe(tmp_path, warm_model, **sections):
+    """LoRA on the warm-started model, as a user adapts a pretrained one."""
+    return tiny_recipe(tmp_path, model={"name": str(warm_model), "tiny": {}}, lora={"enabled": True},
+                       sft={"steps": 0}, **sections)
 
 
 def final_state(run_dir):
@@ -45,8 +65,9 @@ def rl_records(run_dir):
 
 
 @pytest.mark.parametrize("lora", [True, False])
-def test_recipe_trains_parameters_and_stays_finite(tmp_path, lora):
-    cfg = tiny_recipe(tmp_path, lora={"enabled": lora}, train={"steps": 3})
+def test_recipe_trains_parameters_and_stays_finite(tmp_path, warm_model, lora):
+    make = (lambda path, **kw: lora_recipe(path, warm_model, **kw)) if lora else tiny_recipe
+    cfg = make(tmp_path, train={"steps": 3})
     train(cfg)
     step, state = final_state(cfg.run_dir)
     assert step == 3
@@ -54,26 +75,28 @@ def test_recipe_trains_parameters_and_stays_finite(tmp_path, lora):
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
         assert all(math.isfinite(v) for v in record.values() if isinstance(v, float)), record
+    assert max(r["rollout/reward_mean"] for r in records) > 0, "no reward: the test would not exercise learning"
     assert sum(r["train/optimizer_steps"] for r in records) > 0
     assert all(torch.isfinite(t).all() for t in state.values())
-    # The trained parameters moved away from where a fresh build starts.
-    fresh = tiny_recipe(tmp_path / "fresh", lora={"enabled": lora}, sft={"steps": 0}, train={"steps": 0})
-    train(fresh)
-    _, start = final_state(fresh.run_dir)
-    assert set(start) == set(state)
-    assert any(not torch.equal(start[k], state[k]) for k in state)
+    # The trained parameters moved away from where the run started (no weight decay:
+    # only the policy gradient moves them).
+    start = make(tmp_path / "start", train={"steps": 0})
+    train(start)
+    _, initial = final_state(start.run_dir)
+    assert set(initial) == set(state)
+    assert any(not torch.equal(initial[k], state[k]) for k in state)
     if lora:
         assert all("lora_" in k for k in state), "with LoRA only the adapter is trained and saved"
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
-    whole = tiny_recipe(tmp_path / "a")
+def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, warm_model):
+    whole = lora_recipe(tmp_path / "a", warm_model)
     train(whole)
 
-    part = tiny_recipe(tmp_path / "b", train={"steps": 2})
+    part = lora_recipe(tmp_path / "b", warm_model, train={"steps": 2})
     train(part)
     assert final_state(part.run_dir)[0] == 2
-    train(tiny_recipe(tmp_path / "b"), resume=True)
+    train(lora_recipe(tmp_path / "b", warm_model), resume=True)
 
     step_a, state_a = final_state(whole.run_dir)
     step_b, state_b = final_state(part.run_dir)
@@ -142,13 +165,36 @@ def test_a_model_folder_trains_with_lora_like_a_hub_model(tmp_path):
     """A transformers folder (what a user downloads) goes through the same path as looprl/tiny."""
     from looprl.train.export import export
 
-    first = tiny_recipe(tmp_path / "a", lora={"enabled": False}, train={"steps": 1})
+    first = tiny_recipe(tmp_path / "a", train={"steps": 1})
     train(first)
     folder = export(first.run_dir, tmp_path / "exported")
 
-    second = tiny_recipe(tmp_path / "b", model={"name": str(folder), "tiny": {}}, train={"steps": 2})
+    second = tiny_recipe(tmp_path / "b", model={"name": str(folder), "tiny": {}}, lora={"enabled": True},
+                         train={"steps": 2})
     train(second)
     step, state = final_state(second.run_dir)
     assert step == 2 and state and all("lora_" in k for k in state)
     export(second.run_dir, tmp_path / "exported2")
     assert (tmp_path / "exported2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_grpo_recipe_with_kl_to_the_adapter_free_reference_trains(tmp_path, warm_model, loss_agg):
+    cfg = lora_recipe(tmp_path, warm_model, algorithm={"name": "grpo", "kl_coef": 0.05, "loss_agg": loss_agg,
+                                           "filter_zero_variance": False},
+                      train={"steps": 2})
+    train(cfg)
+    records = rl_records(cfg.run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["train/kl"]) and r["train/kl"] >= 0 for r in records)
+    assert records[0]["train/optimizer_steps"] > 0
+    assert records[-1]["train/kl"] > 0  # the adapter moved the policy away from the reference
+    _, state = final_state(cfg.run_dir)
+    assert all("lora_" in k for k in state)
+
+
+def test_kl_without_lora_is_a_clear_error(tmp_path):
+    cfg = tiny_recipe(tmp_path, algorithm={"name": "grpo", "kl_coef": 0.1,
+                                                                     "filter_zero_variance": False})
+    with pytest.raises(ValueError, match="KL penalty needs lora.enabled=true"):
+        train(cfg)

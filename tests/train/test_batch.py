@@ -49,7 +49,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(budget):
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    algorithm = build_algorithm(cfg.algorithm)
+    algorithm = build_algorithm(cfg)
     groups = _micro_groups(algorithm, rows, budget)
     assert (len(groups) > 1) == (budget == 64)
     for group, weight in groups:
