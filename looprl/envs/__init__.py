@@ -35,6 +35,8 @@ __all__ = [
 NAMESPACE = "looprl/"
 
 gymnasium.register(id="looprl/Calc-v0", entry_point="looprl.envs.calc:CalcEnv")
+gymnasium.register(id="looprl/Hanoi-v0", entry_point="looprl.envs.hanoi:HanoiEnv")
+gymnasium.register(id="looprl/Dataset-v0", entry_point="looprl.envs.adapters:DatasetEnv")
 gymnasium.register(id="looprl/Apps-v0", entry_point="looprl.envs.apps:AppsEnv")
 gymnasium.register(id="looprl/SQL-v0", entry_point="looprl.envs.sql:SqlEnv")
 

@@ -91,7 +91,10 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
         self.action_space = UnicodeText(self.max_text_length)
         self.observation_space = UnicodeText(self.max_text_length)
         self._task: Task | None = None
+        # The conversation so far, kept only while `reset` replays a history (the one
+        # place that returns it), so that an episode of any length holds O(1) messages.
         self._messages: list[dict[str, str]] = []
+        self._recording = False
         self._turn = 0
         self._reward = 0.0
         self._success = False
@@ -121,6 +124,14 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
         self._reward += reward
         self._success = success
         self._terminated = True
+
+    def _add_reward(self, reward: float) -> None:
+        """Called by a tool to add `reward` to this turn's reward without ending the episode.
+
+        For shaped, per-step rewards: a turn's reward is the sum of what its tool calls
+        added (and what `_end_episode` added), starting from 0.0 each turn.
+        """
+        self._reward += reward
 
     # --- Gymnasium API -----------------------------------------------------------
 
@@ -161,8 +172,12 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
         )
         self._begin(task)
         obs = task.prompt
-        for action in history:
-            obs = self.step(action)[0]
+        self._recording = True
+        try:
+            for action in history:
+                obs = self.step(action)[0]
+        finally:
+            self._recording = False
         if self._terminated or self._truncated:
             raise ValueError(
                 f"options['history'] ends the episode after {self._turn} of {len(history)} "
@@ -175,6 +190,7 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
             "turn": self._turn,
             "replayed": len(history),
         }
+        self._messages = []  # returned above; stepping on does not need them
         return obs, info
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -197,12 +213,13 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
         self._turn += 1
         self._reward = 0.0
         text = action if isinstance(action, str) else ""
-        self._messages.append({"role": "assistant", "content": text})
         messages = [
             {"role": "tool", "name": name, "content": _valid_utf8(content)}
             for name, content in self._run_turn(action)
         ]
-        self._messages.extend(dict(m) for m in messages)
+        if self._recording:  # a replay returns the whole conversation; see `__init__`
+            self._messages.append({"role": "assistant", "content": text})
+            self._messages.extend(dict(m) for m in messages)
         self._truncated = not self._terminated and self._turn >= self.max_turns
         obs = _fit("\n".join(m["content"] for m in messages), self.max_text_length)
         return obs, self._reward, self._terminated, self._truncated, self._step_info(messages)
