@@ -35,6 +35,7 @@ __all__ = [
 NAMESPACE = "looprl/"
 
 gymnasium.register(id="looprl/Calc-v0", entry_point="looprl.envs.calc:CalcEnv")
+gymnasium.register(id="looprl/Code-v0", entry_point="looprl.envs.code:CodeEnv")
 gymnasium.register(id="looprl/Hanoi-v0", entry_point="looprl.envs.hanoi:HanoiEnv")
 gymnasium.register(id="looprl/Dataset-v0", entry_point="looprl.envs.adapters:DatasetEnv")
 gymnasium.register(id="looprl/Apps-v0", entry_point="looprl.envs.apps:AppsEnv")
