@@ -227,9 +227,9 @@ def _describe(error: ValidationError) -> str:
         loc, note = list(err["loc"]), ""
         if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in ("loop", "grpo"):
             note = f" (for algorithm {loc.pop(1)!r})"  # pydantic's tag of the union member
-        key = ".".join(str(p) for p in loc) + note
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {key!r}")
+            parts.append(f"unknown key {key!r}{note}")
         else:
-            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r}){note}")
     return "Invalid config: " + "; ".join(parts)
