@@ -7,6 +7,7 @@ warm-started, RL-trained and SFT-continued policies, the RL gain in points, and 
 ratio RL / control. Runs go two at a time, one torch thread each (2-core machine).
 
     python bench/quickstart_seeds.py [--seeds 0 1 2] [--jobs 2] [key=value ...]
+    python bench/quickstart_seeds.py --config configs/grpo/calc_tiny_full_cpu.yaml --no-control
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 
-def run(name: str, out: Path, overrides: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "looprl.cli", "train", str(CONFIG), f"name={name}",
+def run(name: str, out: Path, overrides: list[str], config: Path = CONFIG) -> dict:
+    cmd = [sys.executable, "-m", "looprl.cli", "train", str(config), f"name={name}",
            f"output_dir={out}", "progress=false", "threads=1", *overrides]
     start = time.perf_counter()
     log = out / f"{name}.log"
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_quickstart"))
+    parser.add_argument("--config", default=str(CONFIG), help="recipe to run (default: the quickstart)")
+    parser.add_argument("--no-control", action="store_true", help="skip the SFT-only control runs")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out)
@@ -53,11 +56,13 @@ def main() -> None:
 
     def seed_pair(seed: int) -> tuple[dict, dict]:
         """The LOOP run, then its control with the same training time."""
-        rl = run(f"rl_seed{seed}", out, [f"seed={seed}", *args.overrides])
+        rl = run(f"rl_seed{seed}", out, [f"seed={seed}", *args.overrides], Path(args.config))
+        if args.no_control:
+            return rl, None
         budget = rl["sft"]["seconds"] + rl["rl"]["seconds"]
         control = run(f"sft_seed{seed}", out, [f"seed={seed}", *args.overrides, "train.steps=0",
                                                "eval.before_rl=false", "sft.steps=1000000",
-                                               f"sft.max_seconds={budget:.1f}"])
+                                               f"sft.max_seconds={budget:.1f}"], Path(args.config))
         return rl, control
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -72,14 +77,14 @@ def main() -> None:
             "seed": seed,
             "train_s": r["sft"]["seconds"] + r["rl"]["seconds"],
             "rl_steps": r["rl"]["steps"],
-            **{f"{tag}_{mode}": rate(res, key, mode)
+            **{f"{tag}_{mode}": rate(res, key, mode) if res else float("nan")
                for tag, res, key in (("warm", r, "warmstart"), ("rl", r, "final"), ("sft_ctrl", c, "final"))
                for mode in ("sampled", "greedy")},
-            "sft_ctrl_steps": c["sft"]["steps"],
+            "sft_ctrl_steps": c["sft"]["steps"] if c else None,
         })
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    print("| seed | train s | warm-start sampled / greedy | LOOP sampled / greedy | gain (pts, sampled) "
-          "| SFT-only control sampled / greedy | LOOP / control (sampled) |")
+    print("| seed | train s | warm-start sampled / greedy | RL sampled / greedy | gain (pts, sampled) "
+          "| SFT-only control sampled / greedy | RL / control (sampled) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         gain = 100 * (row["rl_sampled"] - row["warm_sampled"])
