@@ -19,9 +19,10 @@ f-divergence variants, which `dpo_loss` does not implement.
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
+
+from tests.algorithms.tiny_word_model import save_tiny_word_model
 
 from looprl.algorithms.core import token_logprobs
 from looprl.algorithms.dpo import dpo_loss, sequence_logps
@@ -36,24 +37,8 @@ PAIRS = {
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """Policy (seed 0) and reference (seed 1) tiny Qwen2s with a word-level tokenizer."""
-    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(30)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    config = Qwen2Config(
-        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )
-    dirs = {}
-    for seed, name in [(0, "policy"), (1, "ref")]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(config)
-        dirs[name] = tmp_path_factory.mktemp(name)
-        model.save_pretrained(dirs[name])
-        tokenizer.save_pretrained(dirs[name])
-    return dirs
+    return {name: save_tiny_word_model(tmp_path_factory.mktemp(name), seed)
+            for seed, name in [(0, "policy"), (1, "ref")]}
 
 
 def make_trainer(model_dirs, tmp_path, loss_type: str, beta: float, label_smoothing: float) -> DPOTrainer:

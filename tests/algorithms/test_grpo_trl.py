@@ -32,10 +32,11 @@ ratios), and `importance_sampling_level="sequence"` (GSPO) for any loss type.
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
+
+from tests.algorithms.tiny_word_model import save_tiny_word_model
 
 from looprl.algorithms.core import token_logprobs
 from looprl.algorithms.grpo import grpo_loss, group_advantages
@@ -57,22 +58,7 @@ MODES = {
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A ~5k-parameter Qwen2 and a word-level tokenizer, saved so TRL can load (and copy as ref) it."""
-    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(30)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    config = Qwen2Config(
-        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_word_model(tmp_path_factory.mktemp("tiny_qwen2"), seed=0)
 
 
 def make_trainer(model_dir, tmp_path, loss_type: str, beta: float, kl_ratio: bool = False) -> GRPOTrainer:
