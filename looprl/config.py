@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -162,6 +162,13 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases")
 
+    @model_validator(mode="after")
+    def _kl_needs_lora(self) -> "RunConfig":
+        if isinstance(self.algorithm, GRPOConfig) and self.algorithm.kl_coef > 0 and not self.lora.enabled:
+            raise ValueError("A KL penalty needs lora.enabled=true: the reference is the model with its "
+                             "adapter disabled (set algorithm.kl_coef=0 or lora.enabled=true)")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -228,7 +235,9 @@ def _describe(error: ValidationError) -> str:
         if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in ("loop", "grpo"):
             note = f" (for algorithm {loc.pop(1)!r})"  # pydantic's tag of the union member
         key = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
+        if not loc:  # a check across fields: its message says which
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}{note}")
         else:
             parts.append(f"{key}: {err['msg']} (got {err.get('input')!r}){note}")

@@ -1,6 +1,6 @@
 """The training loop: SFT warm-start, then RL steps of rollout -> advantages -> PPO epochs.
 
-One RL step (LOOP, Algorithm 1):
+One RL step (LOOP's Algorithm 1; GRPO differs only in its advantages and loss):
   1. sample `tasks_per_step` task seeds, play `group_size` episodes of each;
   2. leave-one-out advantages per group; drop rollouts with |A| < threshold;
   3. `epochs` passes of shuffled minibatches, one optimizer step per minibatch;
@@ -48,6 +48,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    algorithm = build_algorithm(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
@@ -85,7 +86,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
                     break
                 state["step"] += 1
-                metrics = rl_step(cfg, model, tokenizer, engine, optimizer, sampler)
+                metrics = rl_step(cfg, algorithm, model, tokenizer, engine, optimizer, sampler)
                 logger.log(metrics, state["step"])
                 progress.advance("rl", metrics)
                 if state["step"] % cfg.train.save_every == 0:
@@ -103,8 +104,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     return state["results"]
 
 
-def rl_step(cfg: RunConfig, model, tokenizer, engine: HFEngine, optimizer, sampler: TaskSampler) -> dict[str, float]:
-    """One LOOP iteration: rollouts, advantages, epochs of minibatch updates."""
+def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optimizer,
+            sampler: TaskSampler) -> dict[str, float]:
+    """One RL step: rollouts, the algorithm's advantages, epochs of minibatch updates."""
     t0 = time.perf_counter()
     seeds = sampler.sample(cfg.rollout.tasks_per_step)
     params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
@@ -114,7 +116,6 @@ def rl_step(cfg: RunConfig, model, tokenizer, engine: HFEngine, optimizer, sampl
     )
     t1 = time.perf_counter()
     rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
-    algorithm = build_algorithm(cfg)
     advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
     kept = [(t, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
             for t, a, ok in zip(g, adv, k) if ok]

@@ -194,7 +194,7 @@ def test_grpo_recipe_with_kl_to_the_adapter_free_reference_trains(tmp_path, warm
 
 
 def test_kl_without_lora_is_a_clear_error(tmp_path):
-    cfg = tiny_recipe(tmp_path, algorithm={"name": "grpo", "kl_coef": 0.1,
-                                                                     "filter_zero_variance": False})
+    # A config error: it stops the run when the config is read, before any training.
     with pytest.raises(ValueError, match="KL penalty needs lora.enabled=true"):
-        train(cfg)
+        train(tiny_recipe(tmp_path, algorithm={"name": "grpo", "kl_coef": 0.1, "filter_zero_variance": False}))
+    assert not (tmp_path / "t").exists()
