@@ -39,7 +39,10 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("looprl/tiny", description="looprl/tiny, a local model folder, or a Hugging Face model id")
-    tiny: dict[str, int] = Field(default_factory=dict, description="shape of looprl/tiny (hidden_size, num_layers, ...)")
+    tiny: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="shape of looprl/tiny (hidden_size, num_layers, ...) and its tokenizer corpus (env ids)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter dtype")
     device: str = Field("cpu", description="torch device for the policy")
 

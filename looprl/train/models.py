@@ -33,7 +33,11 @@ def resolve_model_path(name: str, tiny: dict[str, Any] | None = None) -> str:
         unknown = set(tiny or {}) - allowed
         if unknown:
             raise ModelLoadError(f"Unknown tiny-model field(s) {sorted(unknown)}; expected {sorted(allowed)}")
-        return str(tiny_path(TinySpec(**(tiny or {}))))
+        try:
+            spec = TinySpec(**(tiny or {}))
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"Bad model.tiny: {e}") from None
+        return str(tiny_path(spec))
     if tiny:
         raise ModelLoadError(f"model.tiny is only for {TINY_PREFIX!r}, but model.name is {name!r}")
     path = Path(name).expanduser()

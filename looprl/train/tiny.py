@@ -20,9 +20,10 @@ from pathlib import Path
 
 TINY_PREFIX = "looprl/tiny"
 BUILD_VERSION = 1  # bump when the tokenizer corpus or template changes
-# Environments whose expert episodes train the tokenizer. Fixed, not "every registered
-# environment": registering a new one must not silently change the tiny model.
-CORPUS_ENVS = ("looprl/Calc-v0",)
+# Environments whose expert episodes train the tokenizer, by default. Named, not "every
+# registered environment": registering a new one must not silently change the tiny model.
+# A recipe for another world names its own corpus (`model.tiny.corpus`).
+DEFAULT_CORPUS = "looprl/Calc-v0"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added but not "special", as in Qwen2.5: they survive skip_special_tokens=True.
@@ -78,9 +79,27 @@ class TinySpec:
     vocab_size: int = 512
     max_position_embeddings: int = 2048
     init_seed: int = 0
+    corpus: str = DEFAULT_CORPUS  # comma-separated environment ids
+
+    def __post_init__(self) -> None:
+        from looprl.envs import env_ids
+
+        unknown = [e for e in self.corpus_envs if e not in env_ids()]
+        if unknown or not self.corpus_envs:
+            raise ValueError(
+                f"tiny.corpus names unknown environment(s) {unknown or [self.corpus]}; "
+                f"expected ids from {env_ids()}"
+            )
+
+    @property
+    def corpus_envs(self) -> tuple[str, ...]:
+        return tuple(e.strip() for e in self.corpus.split(",") if e.strip())
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "build": BUILD_VERSION}, sort_keys=True)
+        fields = asdict(self)
+        if self.corpus == DEFAULT_CORPUS:
+            del fields["corpus"]  # keeps the cache key of models built before it existed
+        blob = json.dumps({**fields, "build": BUILD_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -112,7 +131,7 @@ def _build(spec: TinySpec, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer = build_tokenizer(spec.vocab_size, spec.corpus_envs)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -138,8 +157,8 @@ def _build(spec: TinySpec, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_tokenizer(vocab_size: int):
-    """Train the byte-level BPE on the built-in corpus and wrap it for transformers."""
+def build_tokenizer(vocab_size: int, corpus_envs: tuple[str, ...] = (DEFAULT_CORPUS,)):
+    """Train the byte-level BPE on expert episodes of `corpus_envs`; wrap it for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -156,7 +175,7 @@ def build_tokenizer(vocab_size: int):
         min_frequency=2,
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(_corpus(corpus_envs), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
@@ -169,12 +188,12 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def _corpus() -> list[str]:
-    """Text of expert episodes in every built-in environment, plus plain ASCII."""
+def _corpus(corpus_envs: tuple[str, ...]) -> list[str]:
+    """Text of expert episodes in `corpus_envs`, plus plain ASCII."""
     from looprl.envs import make_env
 
     texts = [" ".join(chr(c) for c in range(32, 127))]
-    for env_id in CORPUS_ENVS:
+    for env_id in corpus_envs:
         for seed in range(300):
             env = make_env(env_id)
             obs, info = env.reset(seed=seed)

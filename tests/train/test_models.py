@@ -79,10 +79,29 @@ def test_tiny_model_is_cached(two_builds, monkeypatch):
     assert (os.stat(config).st_mtime_ns, os.stat(weights).st_mtime_ns) == mtimes
 
 
+def _changed(value):
+    return "looprl/Calc-v0,looprl/SQL-v0" if isinstance(value, str) else value + 1
+
+
 def test_every_spec_field_changes_the_cache_key():
     base = TinySpec()
-    keys = {base.key()} | {TinySpec(**{f: getattr(base, f) + 1}).key() for f in base.__dataclass_fields__}
+    keys = {base.key()} | {TinySpec(**{f: _changed(getattr(base, f))}).key() for f in base.__dataclass_fields__}
     assert len(keys) == 1 + len(base.__dataclass_fields__)
+
+
+def test_unknown_corpus_environment_is_refused():
+    with pytest.raises(ModelLoadError, match=r"Bad model.tiny: tiny.corpus names unknown environment\(s\) \['looprl/Nope-v0'\]"):
+        resolve_model_path(TINY_PREFIX, {"corpus": "looprl/Calc-v0, looprl/Nope-v0"})
+
+
+def test_a_world_corpus_fits_that_world_better():
+    """A tokenizer trained on SQL-v0's episodes encodes SQL in fewer tokens than Calc's."""
+    from looprl.train.tiny import build_tokenizer
+
+    sql = "SELECT name FROM authors WHERE country = 'India' ORDER BY name"
+    calc, own = build_tokenizer(512), build_tokenizer(512, ("looprl/SQL-v0",))
+    assert len(own.encode(sql)) < 0.6 * len(calc.encode(sql))
+    assert own.decode(own.encode(sql)) == sql
 
 
 @pytest.mark.parametrize("text", TEXTS)
