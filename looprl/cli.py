@@ -1,4 +1,4 @@
-"""`looprl train | eval | export | envs`."""
+"""`looprl train | eval | export | serve | envs`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="serve a model over the OpenAI chat-completions API")
+    p.add_argument("model", help="looprl/tiny, HF model id or folder, run folder or checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch-size", type=int, default=64, help="the most sequences in one generate call")
+    p.add_argument("--served-model-name", help="the `model` id clients pass (default: MODEL as given)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("envs", help="list environments; `envs check ID`, `envs play ID`")
     p.set_defaults(func=_envs)
@@ -132,6 +141,27 @@ def _load_for_eval(name: str):
         return model, tokenizer, path
     model, tokenizer, resolved = load_policy(name)
     return model, tokenizer, Path(resolved) if Path(resolved).is_dir() and path.exists() else None
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from looprl.rollout.server import app_for_model
+    except ImportError as e:
+        raise RuntimeError(f"looprl serve needs fastapi and uvicorn ({e}); install them with "
+                           "pip install 'looprl[serve]'") from None
+    import torch
+
+    if args.max_batch_size <= 0:
+        raise ValueError(f"Expect --max-batch-size to be positive, actually: {args.max_batch_size}")
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = _load_for_eval(args.model)
+    name = args.served_model_name or args.model
+    app = app_for_model(model, tokenizer, name, max_batch_size=args.max_batch_size)
+    console.print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API); Ctrl-C stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _export(args) -> int:
