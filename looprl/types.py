@@ -54,6 +54,11 @@ class Trajectory:
     def num_sampled_tokens(self) -> int:
         return int(sum(self.loss_mask))
 
+    @property
+    def chunks(self) -> list[Trajectory]:
+        """The sequences to train on: this one (an `Episode` has several)."""
+        return [self]
+
     def __post_init__(self) -> None:
         n = len(self.input_ids)
         if len(self.loss_mask) != n or len(self.behaviour_logprobs) != n:
@@ -62,3 +67,67 @@ class Trajectory:
                 f"loss_mask={len(self.loss_mask)}, "
                 f"behaviour_logprobs={len(self.behaviour_logprobs)}"
             )
+
+
+@dataclass
+class Episode:
+    """One episode played with an agent-side context window, as consecutive chunks.
+
+    Each chunk is a `Trajectory` (one contiguous token sequence): the episode's prompt,
+    then the last turns of the chunk before it as context (loss mask 0: they were
+    trained where they were sampled), then the turns sampled in this chunk (loss mask
+    1 on their sampled ids). A chunk's `turn_spans` and `turn_rewards` cover only the
+    turns sampled in it, so every sampled token and every reward belongs to exactly
+    one chunk. See `looprl.rollout.agent.run_episode`.
+
+    An `Episode` answers the same questions as a `Trajectory` (`reward`, `num_turns`,
+    `num_sampled_tokens`, `terminated`, `truncated`, `info`, `chunks`), so groups and
+    metrics treat both alike; the trainer gives every chunk its episode's advantage.
+
+    Attributes:
+        chunks: the chunks in the order they were played (at least one); the last one
+            carries the episode's `terminated`, `truncated` and `info["success"]`.
+    """
+
+    chunks: list[Trajectory]
+
+    def __post_init__(self) -> None:
+        if not self.chunks:
+            raise ValueError("An Episode needs at least one chunk, got none")
+
+    @property
+    def reward(self) -> float:
+        """The episode's return: the sum of the turn rewards of all chunks."""
+        return float(sum(r for c in self.chunks for r in c.turn_rewards))
+
+    @property
+    def num_turns(self) -> int:
+        return sum(c.num_turns for c in self.chunks)
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        return sum(c.num_sampled_tokens for c in self.chunks)
+
+    @property
+    def terminated(self) -> bool:
+        return self.chunks[-1].terminated
+
+    @property
+    def truncated(self) -> bool:
+        return self.chunks[-1].truncated
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.chunks[-1].info
+
+    @property
+    def task_id(self) -> str:
+        return self.chunks[0].task_id
+
+    @property
+    def group_id(self) -> int:
+        return self.chunks[0].group_id
+
+    @property
+    def policy_version(self) -> int:
+        return min(c.policy_version for c in self.chunks)

@@ -5,12 +5,16 @@ are rendered with the chat template and appended. Rendering a suffix on its own 
 a template that is prefix-stable (rendering `messages + new` starts with the rendering
 of `messages`), which holds for Hermes/Qwen-style templates; `ObservationTemplater`
 checks it and fails loudly otherwise.
+
+With a context window of W turns, a long episode is played as chunks (see
+`run_episode`): the model's context stays at most the prompt plus 2W turns however
+many turns the episode takes, and every sampled id is still kept as sampled.
 """
 
 from __future__ import annotations
 
 from looprl.rollout.engine import Completion, GenerationRequest, InferenceEngine, SamplingParams
-from looprl.types import Trajectory
+from looprl.types import Episode, Trajectory
 
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
@@ -71,12 +75,71 @@ class TrajectoryBuilder:
         self.loss_mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
 
+    def context(self) -> list[int]:
+        """The ids to ask the next turn with (a copy: the request must not change as
+        the builder grows after the call)."""
+        return list(self.input_ids)
+
     def build(self, **fields) -> Trajectory:
         return Trajectory(
             input_ids=self.input_ids, loss_mask=self.loss_mask,
             behaviour_logprobs=self.logprobs, turn_spans=self.turn_spans,
             turn_rewards=self.turn_rewards, **fields,
         )
+
+
+class ChunkedBuilder:
+    """Accumulates one episode as chunks that keep only the last turns in context.
+
+    A chunk is the prompt, then the last `window` turns of the chunk before it (each
+    turn: its sampled ids, the eos appended if it was cut, and the observation ids
+    that followed it, all reused as they are, with loss mask 0), then new turns. Once
+    a chunk holds `2 * window` turns, the next turn opens a new chunk. The first chunk
+    carries nothing, so it trains its first `2 * window` turns; every later chunk
+    trains `window` new turns.
+    """
+
+    def __init__(self, prompt_ids: list[int], eos_id: int, window: int):
+        if window < 1:
+            raise ValueError(f"Expect `context_window` to be >= 1, actually: {window}")
+        self.prompt_ids, self.eos_id, self.window = list(prompt_ids), eos_id, window
+        self.closed: list[TrajectoryBuilder] = []
+        self.current = TrajectoryBuilder(prompt_ids, eos_id)
+        self.turn_starts: list[int] = []  # where each turn of `current`, carried or new, begins
+
+    @property
+    def turn_rewards(self) -> list[float]:
+        """The rewards of the turns sampled in the current chunk."""
+        return self.current.turn_rewards
+
+    def context(self) -> list[int]:
+        """The ids to ask the next turn with; opens a new chunk when this one is full."""
+        if len(self.turn_starts) == 2 * self.window:
+            keep_from = self.turn_starts[self.window]
+            self.closed.append(self.current)
+            # TrajectoryBuilder masks its prompt: the carried turns train nothing here.
+            self.current = TrajectoryBuilder(self.prompt_ids + self.current.input_ids[keep_from:], self.eos_id)
+            shift = len(self.prompt_ids) - keep_from
+            self.turn_starts = [start + shift for start in self.turn_starts[self.window:]]
+        return self.current.context()
+
+    def add_turn(self, completion: Completion) -> None:
+        self.turn_starts.append(len(self.current.input_ids))
+        self.current.add_turn(completion)
+
+    def add_observation(self, ids: list[int]) -> None:
+        self.current.add_observation(ids)
+
+    def build(self, *, terminated: bool, truncated: bool, info: dict, **fields) -> Episode:
+        """The chunks; the last one carries the episode's end and `info`."""
+        chunks = self.closed + [self.current]
+        if len(chunks) > 1 and not self.current.turn_spans:
+            chunks.pop()  # opened, then cut by max_tokens before any turn: nothing to train
+        *body, last = chunks
+        return Episode([
+            *(c.build(terminated=False, truncated=False, info={"chunk": i}, **fields) for i, c in enumerate(body)),
+            last.build(terminated=terminated, truncated=truncated, info={**info, "chunk": len(body)}, **fields),
+        ])
 
 
 def sampled_text(tokenizer, completion: Completion) -> str:
@@ -95,8 +158,22 @@ async def run_episode(
     seed: int,
     max_tokens: int = 2048,
     group_id: int = 0,
-) -> Trajectory:
+    context_window: int | None = None,
+    reset_options: dict | None = None,
+) -> Trajectory | Episode:
     """Play one episode of `env` with the policy behind `engine`.
+
+    Without a context window the episode is one `Trajectory`: every turn is appended
+    to one growing sequence. With `context_window=W` it is an `Episode` of chunks (see
+    `ChunkedBuilder`): each chunk is the prompt, the last W turns of the chunk before
+    it as context (loss mask 0), then up to W new turns (2W in the first chunk) with
+    loss mask 1 on their sampled ids. Each turn is sampled from its chunk's ids up to
+    that turn, so every sampled id is trained exactly once, in the context it was
+    sampled in, and the context never exceeds the prompt plus 2W turns. Observations
+    are templated once and their ids reused in both chunks that hold them. The
+    episode then ends by the environment's own turn limit; `max_tokens` bounds each
+    chunk. Long-horizon environments should bound their own observations too
+    (Hanoi's `window`).
 
     Args:
         env: a looprl environment (Gymnasium API, text actions).
@@ -105,21 +182,33 @@ async def run_episode(
         templater: renders observations for this tokenizer.
         params: sampling settings for every turn.
         seed: the reset seed; the same seed gives the same task.
-        max_tokens: the episode is truncated once its ids exceed this length.
-        group_id: recorded on the trajectory.
+        max_tokens: the episode is truncated once its ids (with a window: the current
+            chunk's ids) exceed this length.
+        group_id: recorded on the trajectory (on every chunk).
+        context_window: the most recent turns kept in the model's context; None keeps
+            the whole episode.
+        reset_options: passed to `env.reset` (e.g. a history to replay, for ExIt).
+
+    Returns:
+        A `Trajectory` when `context_window` is None, else an `Episode`; both have the
+        episode's `reward`, `info`, `terminated`, `truncated` and the `chunks` to train.
     """
-    _, info = env.reset(seed=seed)
-    builder = TrajectoryBuilder(chat_ids(tokenizer, info["messages"], info["tools"]), tokenizer.eos_token_id)
+    _, info = env.reset(seed=seed, options=reset_options)
+    prompt_ids = chat_ids(tokenizer, info["messages"], info["tools"])
+    if context_window is None:
+        builder = TrajectoryBuilder(prompt_ids, tokenizer.eos_token_id)
+    else:
+        builder = ChunkedBuilder(prompt_ids, tokenizer.eos_token_id, context_window)
     task_id, version = info["task_id"], engine.version
     terminated = truncated = False
     step_info: dict = {}
     while not (terminated or truncated):
-        budget = max_tokens - len(builder.input_ids)
+        context = builder.context()
+        budget = max_tokens - len(context)
         if budget <= 0:
             truncated = True
             break
-        # A copy: the request must not change as the builder grows after the call.
-        request = GenerationRequest(list(builder.input_ids), _clip_params(params, budget))
+        request = GenerationRequest(context, _clip_params(params, budget))
         (completion,) = await engine.generate([request])
         version = min(version, completion.version)
         builder.add_turn(completion)

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 from looprl.rollout.agent import ObservationTemplater, run_episode
 from looprl.rollout.engine import InferenceEngine, SamplingParams
-from looprl.types import Trajectory
+from looprl.types import Episode, Trajectory
 
 
 def collect_groups(
@@ -20,17 +20,19 @@ def collect_groups(
     *,
     max_tokens: int = 2048,
     templater: ObservationTemplater | None = None,
-) -> list[list[Trajectory]]:
+    context_window: int | None = None,
+) -> list[list[Trajectory | Episode]]:
     """Play `group_size` episodes of each task seed, all concurrently.
 
-    Returns one list of `group_size` trajectories per seed, in the order of `seeds`.
+    Returns one list of `group_size` episodes per seed, in the order of `seeds`: each a
+    `Trajectory`, or with a `context_window` an `Episode` of chunks (see `run_episode`).
     """
     templater = templater or ObservationTemplater(tokenizer)
 
-    async def play() -> list[Trajectory]:
+    async def play() -> list[Trajectory | Episode]:
         episodes = [
             run_episode(make_env(), engine, tokenizer, templater, params,
-                        seed=seed, max_tokens=max_tokens, group_id=g)
+                        seed=seed, max_tokens=max_tokens, group_id=g, context_window=context_window)
             for g, seed in enumerate(seeds) for _ in range(group_size)
         ]
         return list(await asyncio.gather(*episodes))

@@ -34,7 +34,7 @@ from looprl.train.policy import build_policy, load_trainable_state, trainable_st
 from looprl.train.progress import RunProgress
 from looprl.train.sft import expert_pool, run_sft
 from looprl.train.stop import GracefulStop
-from looprl.types import Trajectory
+from looprl.types import Episode, Trajectory
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -112,13 +112,13 @@ def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optim
     params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
     groups = collect_groups(
         engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), seeds,
-        cfg.rollout.group_size, params, max_tokens=cfg.env.max_tokens,
+        cfg.rollout.group_size, params, max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
     )
     t1 = time.perf_counter()
-    rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
+    rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K), one return per episode
     advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
-    kept = [(t, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
-            for t, a, ok in zip(g, adv, k) if ok]
+    kept = chunk_rows(groups, advantages, keep)
+    kept_episodes = int(keep.sum().item())
     train_metrics = _update(cfg, algorithm, model, tokenizer, optimizer, kept)
     engine.update_weights()
     t2 = time.perf_counter()
@@ -130,8 +130,8 @@ def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optim
         "rollout/turns_mean": sum(t.num_turns for t in flat) / len(flat),
         "rollout/tokens_mean": sampled / len(flat),
         "rollout/truncated_frac": sum(t.truncated for t in flat) / len(flat),
-        "rollout/kept_frac": len(kept) / len(flat),
-        "rollout/dropped_zero_adv": len(flat) - len(kept),
+        "rollout/kept_frac": kept_episodes / len(flat),
+        "rollout/dropped_zero_adv": len(flat) - kept_episodes,
         **train_metrics,
         "policy_version": engine.version,
         "perf/rollout_s": t1 - t0,
@@ -139,6 +139,23 @@ def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optim
         "perf/step_s": t2 - t0,
         "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
     }
+
+
+def chunk_rows(groups: list[list[Trajectory | Episode]], advantages: torch.Tensor,
+               keep: torch.Tensor) -> list[tuple[Trajectory, float]]:
+    """The training rows of the kept episodes: every chunk with its episode's advantage.
+
+    Advantages are per episode (a group is K episodes of one task); an episode played
+    with a context window trains as several chunks, which all get its advantage. A
+    `Trajectory`'s only chunk is itself.
+
+    Args:
+        groups: (G, K) episodes.
+        advantages: (G, K) per-episode advantages.
+        keep: (G, K) mask of the episodes to train on.
+    """
+    return [(chunk, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
+            for episode, a, ok in zip(g, adv, k) if ok for chunk in episode.chunks]
 
 
 def _update(cfg: RunConfig, algorithm, model, tokenizer, optimizer,
@@ -228,7 +245,7 @@ def _evaluate_all(cfg: RunConfig, engine, tokenizer, logger, progress, step: int
         progress.note(f"evaluating {tag} policy ({mode}, {cfg.eval.episodes} episodes)")
         results[mode] = evaluate(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
                                  temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                                 max_tokens=cfg.env.max_tokens)
+                                 max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window)
         logger.log({f"eval/{tag}/{mode}/{k}": v for k, v in results[mode].items()}, step)
     progress.note(f"{tag}: " + ", ".join(f"{m} success {r['success_rate']:.1%}" for m, r in results.items()))
     return results
