@@ -104,13 +104,27 @@ class GRPOConfig(UpdateConfig):
     filter_zero_variance: bool = Field(True, description="drop groups whose rewards are all equal (DAPO)")
 
 
+class DPOConfig(UpdateConfig):
+    """DPO: online on the best/worst rollouts of each group, or offline on a JSONL of
+    preference pairs; see looprl/algorithms/dpo.py, looprl/train/dpo_online.py and dpo_offline.py."""
+
+    name: Literal["dpo"] = Field("dpo", description="RL algorithm")
+    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the implicit KL to the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: probability a label is flipped")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO eq. 7) or ipo (IPO eq. 17)")
+    nll_coef: float = Field(0.0, ge=0, description="RPO: add this times the chosen side's per-token NLL")
+    minibatch_size: int = Field(16, gt=0, description="preference pairs per optimizer step")
+    dataset: str | None = Field(
+        None, description="offline DPO: a JSONL of preference pairs (TRL formats); None: online DPO on rollouts")
+
+
 def _algorithm_name(value: Any) -> str:
     # An `algorithm:` section without a name is LOOP, the default algorithm.
     return value.get("name", "loop") if isinstance(value, dict) else value.name
 
 
 AlgorithmConfig = Annotated[
-    Union[Annotated[LoopConfig, Tag("loop")], Annotated[GRPOConfig, Tag("grpo")]],
+    Union[Annotated[LoopConfig, Tag("loop")], Annotated[GRPOConfig, Tag("grpo")], Annotated[DPOConfig, Tag("dpo")]],
     Discriminator(_algorithm_name),
 ]
 
@@ -172,6 +186,27 @@ class RunConfig(Section):
         if isinstance(self.algorithm, GRPOConfig) and self.algorithm.kl_coef > 0 and not self.lora.enabled:
             raise ValueError("A KL penalty needs lora.enabled=true: the reference is the model with its "
                              "adapter disabled (set algorithm.kl_coef=0 or lora.enabled=true)")
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_reference(self) -> "RunConfig":
+        algo = self.algorithm
+        if not isinstance(algo, DPOConfig):
+            return self
+        if algo.dataset is None and self.lora.enabled and self.sft.steps > 0:
+            raise ValueError("Online DPO with lora.enabled=true uses the model with its adapter disabled as the "
+                             "reference, but sft.steps>0 would warm-start that adapter, leaving the reference "
+                             "un-warm-started: set sft.steps=0 (adapt an already warm model) or lora.enabled=false "
+                             "(the reference is then a frozen copy of the warm-started weights)")
+        if algo.dataset is not None and self.sft.steps > 0:
+            raise ValueError("Offline DPO (algorithm.dataset) trains model.name on the given pairs and has no "
+                             f"warm-start: set sft.steps=0, actually: {self.sft.steps}")
+        if algo.loss_type == "ipo" and algo.label_smoothing > 0:
+            raise ValueError("algorithm.label_smoothing applies to loss_type=sigmoid (conservative DPO) only; "
+                             "set it to 0 for loss_type=ipo")
+        if algo.dataset is not None and algo.label_smoothing > 0:
+            raise ValueError("Offline DPO runs TRL's DPOTrainer, whose 'sigmoid' and 'ipo' losses ignore "
+                             "label_smoothing: set algorithm.label_smoothing=0")
         return self
 
     @property
@@ -237,7 +272,7 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for err in error.errors():
         loc, note = list(err["loc"]), ""
-        if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in ("loop", "grpo"):
+        if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in ("loop", "grpo", "dpo"):
             note = f" (for algorithm {loc.pop(1)!r})"  # pydantic's tag of the union member
         key = ".".join(str(p) for p in loc)
         if not loc:  # a check across fields: its message says which

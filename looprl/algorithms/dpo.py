@@ -15,6 +15,15 @@ For agents, a pair is the best and the worst of the K rollouts of one task (by r
 and a trajectory's log-probability sums only its sampled tokens: tool outputs and other
 observations are under the loss mask's zeros. Conventions match TRL's DPOTrainer
 (trl 1.16), checked by tests/algorithms/test_dpo_trl.py.
+
+IPO (Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from Human
+Preferences", arXiv:2310.12036, eq. 17) regresses the log-ratio difference onto 1/(2 beta)
+instead: L_IPO = (h - 1/(2 beta))^2, with each sequence's log-ratio averaged over its
+tokens, as TRL does (the IPO authors' normalisation).
+
+RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733,
+eq. 1) adds the chosen response's length-normalised NLL to the DPO loss, so that iterated
+DPO raises the likelihood of good responses instead of only lowering that of bad ones.
 """
 
 from __future__ import annotations
@@ -60,16 +69,50 @@ def dpo_loss(
     logits = beta * (chosen_logratios - rejected_logratios)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     loss = losses.mean()
-    with torch.no_grad():
-        chosen_rewards = beta * chosen_logratios
-        rejected_rewards = beta * rejected_logratios
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        }
-    return loss, metrics
+    return loss, _reward_metrics(beta * chosen_logratios, beta * rejected_logratios)
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """IPO eq. 17 on token-averaged log-ratios, mean over the B pairs; (B,) tensors in.
+
+    `chosen_tokens` / `rejected_tokens` are the (B,) numbers of sampled tokens. Metrics
+    are those of `dpo_loss` (rewards are beta * the summed log-ratios, as in TRL).
+
+    >>> ipo_loss(*torch.tensor([[-2.0], [-4.0], [-3.0], [-3.0], [2.0], [1.0]]), beta=0.5)[0].item()
+    0.25
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+    loss = ((h - 1 / (2 * beta)) ** 2).mean()
+    return loss, _reward_metrics(beta * chosen_logratios, beta * rejected_logratios)
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term: -log pi(y_w|x) / |y_w|, mean over the B pairs; (B,) tensors in.
+
+    >>> chosen_nll(torch.tensor([-4.0, -1.0]), torch.tensor([2.0, 1.0])).item()
+    1.5
+    """
+    return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
+
+
+def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+    }
 
 
 def best_worst_pairs(rewards: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -87,3 +130,35 @@ def best_worst_pairs(rewards: torch.Tensor) -> list[tuple[int, int, int]]:
         (g, b, w) for g, (b, w) in enumerate(zip(best, worst))
         if rewards[g, b] > rewards[g, w]
     ]
+
+
+class DPO:
+    """Online DPO as the trainer uses it (looprl/train/dpo_online.py runs the step).
+
+    Args:
+        cfg: the `algorithm` section of the run config (a `DPOConfig`).
+    """
+
+    needs_reference = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def pairs(self, rewards: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(g, chosen_k, rejected_k) per group of a (G, K) tensor of returns; ties give none."""
+        return best_worst_pairs(rewards)
+
+    def loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             chosen_tokens, rejected_tokens) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured loss on (B,) sequence log-probs and (B,) sampled-token counts."""
+        if self.cfg.loss_type == "ipo":
+            loss, metrics = ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     chosen_tokens, rejected_tokens, self.cfg.beta)
+        else:
+            loss, metrics = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     self.cfg.beta, self.cfg.label_smoothing)
+        if self.cfg.nll_coef > 0:
+            nll = chosen_nll(chosen_logps, chosen_tokens)
+            loss = loss + self.cfg.nll_coef * nll
+            metrics["nll"] = nll.item()
+        return loss, metrics

@@ -11,6 +11,7 @@ run continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -21,13 +22,14 @@ import numpy as np
 import torch
 
 from looprl.algorithms import build_algorithm
-from looprl.config import RunConfig, from_dict, to_yaml
+from looprl.config import DPOConfig, RunConfig, from_dict, to_yaml
 from looprl.envs import make_env
 from looprl.rollout.collect import collect_groups
 from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
+from looprl.train.dpo_online import build_reference, dpo_step
 from looprl.train.evaluate import evaluate
 from looprl.train.metrics import MetricsLogger, init_wandb
 from looprl.train.policy import build_policy, load_trainable_state, trainable_state
@@ -40,6 +42,10 @@ from looprl.types import Episode, Trajectory
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run a whole recipe; returns the evaluation results (also in `results.json`)."""
     make_env(cfg.env.id, **cfg.env.kwargs).close()  # fail fast on a bad env id or kwargs
+    if isinstance(cfg.algorithm, DPOConfig) and cfg.algorithm.dataset is not None:
+        from looprl.train.dpo_offline import train_offline_dpo  # imports TRL: only for offline DPO
+
+        return train_offline_dpo(cfg, resume)
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tokenizer = build_policy(cfg)
@@ -78,6 +84,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     with progress:
         if latest is None:
             _warm_start(cfg, model, tokenizer, engine, logger, progress, state)
+        step_fn = _step_fn(cfg, model, run_dir, fresh=latest is None)  # before the first save: DPO's reference
+        if latest is None:
             save()
         start = time.perf_counter()
         progress.start("rl", cfg.train.steps, completed=state["step"])
@@ -86,7 +94,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
                     break
                 state["step"] += 1
-                metrics = rl_step(cfg, algorithm, model, tokenizer, engine, optimizer, sampler)
+                metrics = step_fn(cfg, algorithm, model, tokenizer, engine, optimizer, sampler)
                 logger.log(metrics, state["step"])
                 progress.advance("rl", metrics)
                 if state["step"] % cfg.train.save_every == 0:
@@ -102,6 +110,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     logger.close()
     (run_dir / "results.json").write_text(json.dumps(state["results"], indent=2))
     return state["results"]
+
+
+def _step_fn(cfg: RunConfig, model, run_dir: Path, fresh: bool):
+    """`rl_step`, or online DPO's step with its reference policy (taken after the warm-start)."""
+    if not isinstance(cfg.algorithm, DPOConfig):
+        return rl_step
+    return functools.partial(dpo_step, reference=build_reference(cfg, model, run_dir, fresh))
 
 
 def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optimizer,
