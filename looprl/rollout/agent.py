@@ -9,11 +9,17 @@ checks it and fails loudly otherwise.
 With a context window of W turns, a long episode is played as chunks (see
 `run_episode`): the model's context stays at most the prompt plus 2W turns however
 many turns the episode takes, and every sampled id is still kept as sampled.
+
+Environment calls run off the event loop, one daemon thread per episode, and a faulty
+environment (it raises, hangs past `step_timeout_s`, returns garbage) loses its episode
+with an `EpisodeError` (`looprl.rollout.envcalls`), never the process.
 """
 
 from __future__ import annotations
 
 from looprl.rollout.engine import Completion, GenerationRequest, InferenceEngine, SamplingParams
+from looprl.rollout.envcalls import EnvWorker, EpisodeError, check_reset, check_step
+from looprl.rollout.turns import EpisodeTurn, TurnBoard, enter_episode, exit_episode, turn_board
 from looprl.types import Episode, Trajectory
 
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
@@ -160,6 +166,7 @@ async def run_episode(
     group_id: int = 0,
     context_window: int | None = None,
     reset_options: dict | None = None,
+    step_timeout_s: float | None = None,
 ) -> Trajectory | Episode:
     """Play one episode of `env` with the policy behind `engine`.
 
@@ -175,8 +182,15 @@ async def run_episode(
     chunk. Long-horizon environments should bound their own observations too
     (Hanoi's `window`).
 
+    The environment's `reset` and `step` run on a daemon thread of the episode's own
+    (see `looprl.rollout.envcalls`), so a slow tool never blocks the event loop and
+    the tools of concurrent episodes run at the same time; the episode tells the
+    engine when it is away (`looprl.rollout.turns`), so turn-level batches stay what
+    they would be if the calls ran on the loop.
+
     Args:
-        env: a looprl environment (Gymnasium API, text actions).
+        env: a looprl environment (Gymnasium API, text actions). After an
+            `env_timeout` it is still in use by an abandoned thread: drop it.
         engine: where turns are sampled.
         tokenizer: the policy's tokenizer (chat template included).
         templater: renders observations for this tokenizer.
@@ -188,12 +202,57 @@ async def run_episode(
         context_window: the most recent turns kept in the model's context; None keeps
             the whole episode.
         reset_options: passed to `env.reset` (e.g. a history to replay, for ExIt).
+        step_timeout_s: the longest one `reset` or `step` call may take (None: no limit).
 
     Returns:
         A `Trajectory` when `context_window` is None, else an `Episode`; both have the
         episode's `reward`, `info`, `terminated`, `truncated` and the `chunks` to train.
+
+    Raises:
+        EpisodeError: the episode is lost: the environment raised (`env_error`), ran
+            past `step_timeout_s` (`env_timeout`), returned something that is not
+            Gymnasium's `(obs, info)` / `(obs, reward, terminated, truncated, info)` with
+            a str obs, a finite reward and `info["messages"]` (`env_garbage`), or the
+            engine failed (`engine_error`). Other errors (a bad chat template) propagate.
     """
-    _, info = env.reset(seed=seed, options=reset_options)
+    worker = EnvWorker(step_timeout_s)
+    board = turn_board()
+    turn = board.start()
+    token = enter_episode(turn)
+    try:
+        return await _play(engine, tokenizer, templater, params, _EnvCalls(env, worker, board, turn),
+                           seed=seed, max_tokens=max_tokens, group_id=group_id, context_window=context_window,
+                           reset_options=reset_options)
+    finally:
+        board.end(turn)
+        exit_episode(token)
+        worker.close()
+
+
+class _EnvCalls:
+    """One episode's checked environment calls on its worker, reported to the board."""
+
+    def __init__(self, env, worker: EnvWorker, board: TurnBoard, turn: EpisodeTurn):
+        self.env, self.worker, self.board, self.turn = env, worker, board, turn
+
+    async def reset(self, seed: int, options: dict | None) -> tuple[str, dict]:
+        return check_reset(await self._call("reset", self.env.reset, seed=seed, options=options))
+
+    async def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        return check_step(await self._call("step", self.env.step, action))
+
+    async def _call(self, what: str, fn, *args, **kwargs):
+        self.board.touch(self.turn)
+        try:
+            return await self.worker.call(what, fn, *args, **kwargs)
+        finally:
+            self.board.touch(self.turn)
+
+
+async def _play(engine: InferenceEngine, tokenizer, templater: ObservationTemplater, params: SamplingParams,
+                calls: _EnvCalls, *, seed: int, max_tokens: int, group_id: int, context_window: int | None,
+                reset_options: dict | None) -> Trajectory | Episode:
+    _, info = await calls.reset(seed, reset_options)
     prompt_ids = chat_ids(tokenizer, info["messages"], info["tools"])
     if context_window is None:
         builder = TrajectoryBuilder(prompt_ids, tokenizer.eos_token_id)
@@ -208,12 +267,11 @@ async def run_episode(
         if budget <= 0:
             truncated = True
             break
-        request = GenerationRequest(context, _clip_params(params, budget))
-        (completion,) = await engine.generate([request])
+        completion = await _sample(engine, GenerationRequest(context, _clip_params(params, budget)))
         version = min(version, completion.version)
         builder.add_turn(completion)
-        _, reward, terminated, truncated, step_info = env.step(sampled_text(tokenizer, completion))
-        builder.turn_rewards.append(float(reward))
+        _, reward, terminated, truncated, step_info = await calls.step(sampled_text(tokenizer, completion))
+        builder.turn_rewards.append(reward)
         if not (terminated or truncated):
             builder.add_observation(templater(step_info["messages"]))
     return builder.build(
@@ -221,6 +279,14 @@ async def run_episode(
         terminated=terminated, truncated=truncated,
         info={"success": bool(step_info.get("success", False))},
     )
+
+
+async def _sample(engine: InferenceEngine, request: GenerationRequest) -> Completion:
+    try:
+        (completion,) = await engine.generate([request])
+    except Exception as e:
+        raise EpisodeError("engine_error", f"generate raised {type(e).__name__}: {e}") from e
+    return completion
 
 
 def _clip_params(params: SamplingParams, budget: int) -> SamplingParams:
