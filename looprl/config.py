@@ -70,6 +70,15 @@ class RolloutConfig(Section):
     max_batch_size: int = Field(128, gt=0, description="the most sequences in one generate call")
     context_window: int | None = Field(
         None, ge=1, description="recent turns kept in the agent's context; longer episodes train as chunks (None: all)")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: collect, then train; async: producers keep generating while the trainer updates")
+    max_staleness: int = Field(
+        1, ge=0, description="async: never train on data from a policy more than this many versions old (0: sync)")
+    recompute_logprobs: bool = Field(
+        False, description="async: PPO ratio against logprobs recomputed under the current policy, not the behaviour's")
+    sync_every: int = Field(1, gt=0, description="async: push the trained weights to the engine every N steps")
+    env_step_timeout: float | None = Field(
+        60.0, gt=0, description="async: an env reset/step taking longer drops its episode (None: no limit)")
 
 
 class UpdateConfig(Section):
@@ -207,6 +216,18 @@ class RunConfig(Section):
         if algo.dataset is not None and algo.label_smoothing > 0:
             raise ValueError("Offline DPO runs TRL's DPOTrainer, whose 'sigmoid' and 'ipo' losses ignore "
                              "label_smoothing: set algorithm.label_smoothing=0")
+        return self
+
+    @model_validator(mode="after")
+    def _async_needs_plain_groups(self) -> "RunConfig":
+        if self.rollout.mode == "async" and isinstance(self.algorithm, DPOConfig):
+            raise ValueError("rollout.mode=async streams groups of plain tasks to LOOP or GRPO: set rollout.mode=sync "
+                             "for algorithm.name=dpo")
+        r = self.rollout
+        if r.mode == "async" and r.sync_every - 1 > r.max_staleness:
+            raise ValueError(f"rollout.sync_every={r.sync_every} leaves the engine up to {r.sync_every - 1} versions "
+                             f"behind, more than rollout.max_staleness={r.max_staleness}: every batch would be "
+                             "stale; raise max_staleness or lower sync_every")
         return self
 
     @property

@@ -27,6 +27,7 @@ from looprl.envs import make_env
 from looprl.rollout.collect import collect_groups
 from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
+from looprl.train.async_loop import AsyncRollouts, running
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.dpo_online import build_reference, dpo_step
@@ -89,12 +90,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             save()
         start = time.perf_counter()
         progress.start("rl", cfg.train.steps, completed=state["step"])
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, running(step_fn, stop, progress):  # async: stops its producers on exit
             while state["step"] < cfg.train.steps and not stop.requested:
                 if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
                     break
-                state["step"] += 1
                 metrics = step_fn(cfg, algorithm, model, tokenizer, engine, optimizer, sampler)
+                if metrics is None:  # async rollouts: stopped while waiting for a batch, nothing trained
+                    break
+                state["step"] += 1
                 logger.log(metrics, state["step"])
                 progress.advance("rl", metrics)
                 if state["step"] % cfg.train.save_every == 0:
@@ -113,7 +116,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _step_fn(cfg: RunConfig, model, run_dir: Path, fresh: bool):
-    """`rl_step`, or online DPO's step with its reference policy (taken after the warm-start)."""
+    """`rl_step`, the async rollouts' step, or online DPO's step with its reference policy (taken after the warm-start)."""
+    if cfg.rollout.mode == "async":
+        return AsyncRollouts(cfg, run_dir)
     if not isinstance(cfg.algorithm, DPOConfig):
         return rl_step
     return functools.partial(dpo_step, reference=build_reference(cfg, model, run_dir, fresh))

@@ -1,0 +1,115 @@
+"""Asynchronous vs synchronous rollouts: optimizer steps per hour, and held-out success after the same steps.
+
+The environment is `looprl/Calc-v0` behind tool latency (`SlowCalc`): every `step`
+sleeps `--latency` seconds, and one task in five (chosen by its seed) is `--slow`
+times slower, so episodes are uneven in length (the policy uses 1 to 3 turns) and in
+wall time. For each seed it runs the quickstart recipe (SFT warm-start, then LOOP)
+synchronously and with `rollout.mode=async` at each `--staleness`, the same number of
+RL steps each, one run at a time, one torch thread. It prints RL steps per hour (RL
+wall time only: the warm-start and evaluation are the same for all), held-out sampled
+success after the last step (evaluated without latency), and the ratios async / sync.
+
+    python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import gymnasium
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from looprl.config import load_config  # noqa: E402
+from looprl.envs import make_env  # noqa: E402
+from looprl.train.trainer import train  # noqa: E402
+
+ENV_ID = "bench/SlowCalc-v0"
+
+
+class SlowCalc(gymnasium.Wrapper):
+    """Calc-v0 whose tool calls take `latency_s` (x `slow_factor` on one task in five) in rollouts."""
+
+    def __init__(self, latency_s: float = 0.02, slow_factor: float = 5.0, **calc_kwargs):
+        super().__init__(make_env("looprl/Calc-v0", **calc_kwargs))
+        self.latency_s, self.slow_factor, self.delay = latency_s, slow_factor, latency_s
+
+    def reset(self, *, seed=None, options=None):
+        slow = seed is not None and zlib.crc32(str(seed).encode()) % 5 == 0
+        self.delay = self.latency_s * (self.slow_factor if slow else 1.0)
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        # The tool's latency, in rollouts: `run_episode` calls step on an env thread. The
+        # SFT warm-start's oracle episodes (main thread) play without it.
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(self.delay)
+        return self.env.step(action)
+
+
+gymnasium.register(id=ENV_ID, entry_point=SlowCalc)
+
+
+def run_one(name: str, out: Path, args, overrides: list[str]) -> dict:
+    calc = "{min_operand: 1, max_operand: 20, num_operands: 2, operators: '+-*', max_turns: 3}"
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"name={name}", f"output_dir={out}", "progress=false", "threads=1", f"env.id={ENV_ID}",
+        f"env.kwargs={calc[:-1]}, latency_s: {args.latency}, slow_factor: {args.slow}}}",
+        "eval.env_kwargs={split: test, latency_s: 0.0}", "eval.greedy=false", "eval.before_rl=false",
+        f"eval.episodes={args.eval_episodes}", f"train.steps={args.steps}", f"sft.steps={args.sft_steps}",
+        f"train.save_every={args.steps}", *overrides,
+    ])
+    results = train(cfg)
+    rl = results["rl"]
+    return {"steps_per_hour": rl["steps"] / rl["seconds"] * 3600, "rl_s": rl["seconds"],
+            "success": results["final"]["sampled"]["success_rate"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=30, help="RL steps per run")
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--eval-episodes", type=int, default=300)
+    parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds per tool call")
+    parser.add_argument("--slow", type=float, default=5.0, help="latency factor of the slow tasks")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_async"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    modes = {"sync": ["rollout.mode=sync"]} | {
+        f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}"] for s in args.staleness}
+    table: dict[str, list[dict]] = {m: [] for m in modes}
+    for seed in args.seeds:
+        for mode, extra in modes.items():
+            row = run_one(f"{mode}_seed{seed}", out, args, [f"seed={seed}", *extra, *args.overrides])
+            table[mode].append(row)
+            print(f"seed {seed} {mode:>9}: {row['steps_per_hour']:7.0f} steps/h  ({row['rl_s']:.1f} s RL)  "
+                  f"held-out success {row['success']:.1%}", flush=True)
+    print(f"\n{len(args.seeds)} seeds, {args.steps} RL steps, tool latency {args.latency} s (x{args.slow} on 1/5 "
+          "of tasks); mean (min-max)")
+    base = statistics.mean(r["steps_per_hour"] for r in table["sync"])
+    summary = {}
+    for mode, rows in table.items():
+        rate = [r["steps_per_hour"] for r in rows]
+        success = [r["success"] for r in rows]
+        summary[mode] = {"steps_per_hour": statistics.mean(rate), "ratio": statistics.mean(rate) / base,
+                         "success": statistics.mean(success), "success_min": min(success),
+                         "success_max": max(success)}
+        print(f"{mode:>9}: {statistics.mean(rate):7.0f} steps/h ({min(rate):.0f}-{max(rate):.0f})  "
+              f"x{statistics.mean(rate) / base:.2f} vs sync  held-out success {statistics.mean(success):.1%} "
+              f"({min(success):.1%}-{max(success):.1%})")
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Asynchronous streaming rollouts (`rollout.mode: async`): producers generate while the trainer updates.
+
+`AsyncRollouts` is the RL step of `train()` when rollouts are asynchronous. On its first
+call it starts a `RolloutProducer` over a `SnapshotEngine` (a private copy of the
+policy's weights) that keeps groups of K episodes in flight and pushes finished ones
+into a bounded `GroupStream`. Each step then:
+
+  1. lets producers run up to `max_staleness` batches ahead of this step;
+  2. takes the `tasks_per_step` earliest-started groups at most `max_staleness` policy
+     versions old (older ones are dropped and counted: `rollout/dropped/stale`);
+  3. computes the algorithm's advantages and runs `_update` exactly as `rl_step` does,
+     the PPO ratio against the behaviour logprobs recorded at generation (or, with
+     `recompute_logprobs`, against logprobs recomputed under the current weights);
+  4. pushes the trained tensors into the engine's copy every `sync_every` steps (only
+     the adapter with LoRA); episodes in flight continue on the new weights (partial
+     rollouts, see `looprl/rollout/weight_sync.py`).
+
+With `max_staleness: 0` the producer starts a batch's groups only once the previous
+update is pushed, samples the same seeds and the batches are sorted into seed order, so
+the run is the synchronous one: same batches, same metrics, same weights (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from looprl.config import RunConfig
+from looprl.envs import make_env
+from looprl.rollout.engine import SamplingParams
+from looprl.rollout.producer import RolloutProducer
+from looprl.rollout.stream import GroupStream, StreamClosed
+from looprl.rollout.weight_sync import SnapshotEngine
+from looprl.train.batch import collate, micro_batches, policy_logprobs
+from looprl.train.policy import trainable_state
+from looprl.types import Trajectory
+
+log = logging.getLogger("looprl.rollout")
+
+DROP_REASONS = ("stale", "env_error", "env_timeout", "env_garbage", "incomplete_group")
+
+
+class AsyncRollouts:
+    """The step function for `rollout.mode: async`; use inside `running(...)`, which stops its producer.
+
+    Args:
+        cfg: the run config.
+        run_dir: the run folder (dropped episodes are logged to `rollout_drops.jsonl`).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg = cfg
+        self.drop_log = Path(run_dir) / "rollout_drops.jsonl"
+        self.producer: RolloutProducer | None = None
+        self.engine: SnapshotEngine | None = None
+        self.stream: GroupStream | None = None
+        self.steps_done = 0
+        self._stop = None
+        self._progress = None
+        self._log_lock = threading.Lock()
+        self._last: dict[str, Any] = {"t": 0.0, "episodes": 0, "tokens": 0, "engine": {}, "dropped": {}}
+
+    @contextlib.contextmanager
+    def running(self, stop, progress) -> Iterator["AsyncRollouts"]:
+        """While active, a step waiting for a batch returns None once `stop.requested`; on exit
+        the producer is stopped (the stream closed, episodes in flight cancelled, its thread joined)."""
+        self._stop, self._progress = stop, progress
+        try:
+            yield self
+        finally:
+            if self.producer is not None and not self.producer.stop(timeout=30.0):
+                log.warning("rollout producer still busy in an environment call after 30 s; left as a daemon")
+
+    def __call__(self, cfg: RunConfig, algorithm, model, tokenizer, engine, optimizer, sampler) -> dict[str, Any] | None:
+        """One step on a streamed batch; None if the run was stopped while waiting for it."""
+        from looprl.train.trainer import _update, chunk_rows  # the trainer imports this module
+
+        if self.producer is None:
+            self._start(model, tokenizer, engine, sampler)
+        t0 = time.perf_counter()
+        self.producer.release(self.steps_done)
+        try:
+            groups = self.stream.take(cfg.rollout.tasks_per_step, engine.version,
+                                      should_stop=lambda: self._stop is not None and self._stop.requested,
+                                      on_wait=self._show_producers)
+        except StreamClosed as e:
+            raise RuntimeError("rollout producers failed") from (e.__cause__ or e)
+        if groups is None:
+            return None
+        t1 = time.perf_counter()
+        episodes = [g.episodes for g in groups]  # (G, K)
+        staleness = [engine.version - e.policy_version for g in episodes for e in g]
+        rewards = torch.tensor([[e.reward for e in g] for g in episodes])  # (G, K)
+        advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
+        kept = chunk_rows(episodes, advantages, keep)
+        if cfg.rollout.recompute_logprobs:
+            kept = recompute_behaviour_logprobs(model, tokenizer.pad_token_id, kept, cfg.rollout.temperature,
+                                                cfg.algorithm.micro_batch_tokens)
+        train_metrics = _update(cfg, algorithm, model, tokenizer, optimizer, kept)
+        engine.update_weights()  # the trainer's version: the shared-model engine only counts
+        self.steps_done += 1
+        if self.steps_done % cfg.rollout.sync_every == 0:
+            self.engine.push(trainable_state(model), engine.version)
+        if cfg.rollout.max_staleness > 0:
+            # Let producers start the next groups now. With s = 0 that waits for the next
+            # step's call, so the RNG and sampler state a checkpoint saves in between are
+            # exactly the synchronous run's.
+            self.producer.release(self.steps_done)
+        t2 = time.perf_counter()
+        metrics = {
+            **rollout_metrics(episodes, rewards, keep), **train_metrics,
+            "policy_version": engine.version,
+            "perf/rollout_s": t1 - t0,
+            "perf/train_s": t2 - t1,
+            "perf/step_s": t2 - t0,
+            **self._stream_metrics(staleness, idle_s=t1 - t0, now=t2),
+        }
+        self._show_producers()
+        return metrics
+
+    def _start(self, model, tokenizer, engine, sampler) -> None:
+        cfg = self.cfg
+        self.engine = SnapshotEngine(model, tokenizer, engine.version, max_batch_size=cfg.rollout.max_batch_size)
+        self.stream = GroupStream(capacity=(cfg.rollout.max_staleness + 1) * cfg.rollout.tasks_per_step,
+                                  max_staleness=cfg.rollout.max_staleness,
+                                  on_drop=lambda group, reason: self.producer.free(group, reason))
+        self.producer = RolloutProducer(
+            self.engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), sampler.sample, self.stream,
+            group_size=cfg.rollout.group_size, groups_per_batch=cfg.rollout.tasks_per_step,
+            max_staleness=cfg.rollout.max_staleness,
+            params=SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature),
+            max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
+            step_timeout=cfg.rollout.env_step_timeout, threads=cfg.threads, on_drop=self._log_drop,
+        )
+        self._last["t"] = time.perf_counter()
+        self.producer.start()
+
+    def _stream_metrics(self, staleness: list[int], idle_s: float, now: float) -> dict[str, float]:
+        stats, last = self.producer.stats, self._last
+        elapsed = max(now - last["t"], 1e-9)
+        dropped = dict(self.stream.dropped)
+        metrics = {
+            "rollout/episodes_per_s": (stats["episodes"] - last["episodes"]) / elapsed,
+            "rollout/tokens_per_s": (stats["sampled_tokens"] - last["tokens"]) / elapsed,
+            "perf/rollout_tokens_per_s": (stats["sampled_tokens"] - last["tokens"]) / elapsed,
+            "rollout/staleness_mean": sum(staleness) / len(staleness),
+            "rollout/staleness_max": max(staleness),
+            **{f"rollout/dropped/{r}": dropped.get(r, 0) - last["dropped"].get(r, 0)
+               for r in sorted(set(DROP_REASONS) | set(dropped))},
+            "rollout/in_flight_groups": self.producer.status()["in_flight"],
+            "rollout/queued_groups": len(self.stream),
+            "perf/trainer_idle_frac": idle_s / elapsed,
+            **self.engine.metrics(since=last["engine"]),  # perf/engine_batch_occupancy and the other engine figures
+        }
+        self._last = {"t": now, "episodes": stats["episodes"], "tokens": stats["sampled_tokens"],
+                      "engine": dict(self.engine.stats), "dropped": dropped}
+        return metrics
+
+    def _show_producers(self) -> None:
+        if self._progress is None or self.producer is None:
+            return
+        status, dropped = self.producer.status(), sum(self.stream.dropped.values())
+        self._progress.status("rollouts", f"in flight {status['in_flight']} groups  queued {status['queued']}  "
+                              f"episodes {self.producer.stats['episodes']}  dropped {dropped}  "
+                              f"engine v{self.engine.version}", completed=self.producer.stats["episodes"])
+
+    def _log_drop(self, reason: str, detail: str, seed: int) -> None:
+        log.warning("dropped an episode of task seed %d: %s (%s)", seed, reason, detail)
+        record = {"reason": reason, "detail": detail, "seed": seed, "trainer_step": self.steps_done,
+                  "time": time.time()}
+        with self._log_lock, self.drop_log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def running(step_fn, stop, progress):
+    """`step_fn.running(stop, progress)` for asynchronous rollouts, else a no-op context."""
+    return step_fn.running(stop, progress) if isinstance(step_fn, AsyncRollouts) else contextlib.nullcontext()
+
+
+def rollout_metrics(groups, rewards: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
+    """The `rollout/*` figures `rl_step` reports, for a batch of groups."""
+    flat = [e for g in groups for e in g]
+    kept_episodes = int(keep.sum().item())
+    return {
+        "rollout/reward_mean": rewards.mean().item(),
+        "rollout/success_rate": sum(bool(e.info.get("success")) for e in flat) / len(flat),
+        "rollout/turns_mean": sum(e.num_turns for e in flat) / len(flat),
+        "rollout/tokens_mean": sum(e.num_sampled_tokens for e in flat) / len(flat),
+        "rollout/truncated_frac": sum(e.truncated for e in flat) / len(flat),
+        "rollout/kept_frac": kept_episodes / len(flat),
+        "rollout/dropped_zero_adv": len(flat) - kept_episodes,
+    }
+
+
+@torch.no_grad()
+def recompute_behaviour_logprobs(model, pad_id: int, rows: list[tuple[Trajectory, float]], temperature: float,
+                                 max_tokens: int) -> list[tuple[Trajectory, float]]:
+    """The rows with `behaviour_logprobs` recomputed under `model` (the current weights).
+
+    The PPO ratio then measures only how far this step's updates moved the policy,
+    not how stale the rollouts were (the staleness still bounds how off-policy the
+    samples themselves are).
+    """
+    out: list[tuple[Trajectory, float] | None] = [None] * len(rows)
+    for group in micro_batches([len(t.input_ids) for t, _ in rows], max_tokens):
+        batch = collate([rows[i][0] for i in group], pad_id)
+        logprobs = policy_logprobs(model, batch, temperature)  # (B, L-1): row t predicts token t+1
+        for row, i in enumerate(group):
+            traj, advantage = rows[i]
+            n = len(traj.input_ids)
+            values = [0.0] + logprobs[row, : n - 1].tolist()
+            fresh = [v if m else 0.0 for v, m in zip(values, traj.loss_mask)]
+            out[i] = (dataclasses.replace(traj, behaviour_logprobs=fresh), advantage)
+    return out  # type: ignore[return-value]
+
