@@ -167,6 +167,21 @@ class EvalConfig(Section):
     before_rl: bool = Field(True, description="evaluate the warm-started policy before RL")
 
 
+class ExItConfig(Section):
+    """Exploratory Iteration (ExIt) task sampling; see looprl/rollout/exit_sampler.py and docs/algorithms/exit.md."""
+
+    enabled: bool = Field(False, description="train on self-improvement steps sampled from a prioritised buffer")
+    p_fresh: float = Field(0.5, ge=0, le=1, description="probability that a task slot poses a fresh task")
+    capacity: int = Field(256, gt=0, description="most starting points in the buffer (the lowest score is evicted)")
+    max_attempts: int = Field(2, gt=0, description="most finished attempts a buffered starting point holds")
+    floor: float = Field(0.01, gt=0, description="added to every learnability score in the sampling weights")
+    children: int = Field(1, ge=0, description="new starting points added from each group with return variance")
+    p_diverge: float = Field(0.0, ge=0, le=1, description="probability a revision asks for a significantly different approach")
+    context: Literal["last", "all"] = Field("last", description="earlier attempts shown: the last one, or all")
+    warmup_revisions: float = Field(
+        0.5, ge=0, le=1, description="fraction of SFT expert episodes that revise an earlier expert attempt")
+
+
 class WandbConfig(Section):
     enabled: bool = Field(False, description="log metrics to Weights & Biases")
     mode: Literal["offline", "online"] = Field("offline", description="wandb mode when enabled")
@@ -188,6 +203,7 @@ class RunConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="the SFT warm-start")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the RL loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    exit: ExItConfig = Field(default_factory=ExItConfig, description="ExIt self-improvement task sampling")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases")
 
     @model_validator(mode="after")
@@ -219,10 +235,19 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _exit_needs_groups(self) -> "RunConfig":
+        if self.exit.enabled and not isinstance(self.algorithm, (LoopConfig, GRPOConfig)):
+            raise ValueError("exit.enabled=true scores starting points by the return variance of a group: use "
+                             f"algorithm.name=grpo or loop, actually: {self.algorithm.name!r}")
+        if self.exit.enabled and self.rollout.context_window is not None:
+            raise ValueError("exit.enabled=true bounds the context itself (exit.context): set rollout.context_window=null")
+        return self
+
+    @model_validator(mode="after")
     def _async_needs_plain_groups(self) -> "RunConfig":
-        if self.rollout.mode == "async" and isinstance(self.algorithm, DPOConfig):
+        if self.rollout.mode == "async" and (self.exit.enabled or isinstance(self.algorithm, DPOConfig)):
             raise ValueError("rollout.mode=async streams groups of plain tasks to LOOP or GRPO: set rollout.mode=sync "
-                             "for algorithm.name=dpo")
+                             "for exit.enabled=true or algorithm.name=dpo")
         r = self.rollout
         if r.mode == "async" and r.sync_every - 1 > r.max_staleness:
             raise ValueError(f"rollout.sync_every={r.sync_every} leaves the engine up to {r.sync_every - 1} versions "

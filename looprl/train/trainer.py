@@ -32,6 +32,7 @@ from looprl.train.batch import collate, micro_batches, policy_logprobs, referenc
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.dpo_online import build_reference, dpo_step
 from looprl.train.evaluate import evaluate
+from looprl.train.exit import build_exit_sampler, exit_step, expert_env_factory
 from looprl.train.metrics import MetricsLogger, init_wandb
 from looprl.train.policy import build_policy, load_trainable_state, trainable_state
 from looprl.train.progress import RunProgress
@@ -60,7 +61,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
     )
-    sampler = TaskSampler(cfg.seed)
+    sampler = build_exit_sampler(cfg) if cfg.exit.enabled else TaskSampler(cfg.seed)  # ExIt: buffer in "sampler"
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
     state: dict[str, Any] = {"step": 0, "results": {}}
 
@@ -116,7 +117,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _step_fn(cfg: RunConfig, model, run_dir: Path, fresh: bool):
-    """`rl_step`, the async rollouts' step, or online DPO's step with its reference policy (taken after the warm-start)."""
+    """`rl_step`, ExIt's step, the async rollouts' step, or online DPO's step with its reference policy
+    (taken after the warm-start)."""
+    if cfg.exit.enabled:
+        return exit_step
     if cfg.rollout.mode == "async":
         return AsyncRollouts(cfg, run_dir)
     if not isinstance(cfg.algorithm, DPOConfig):
@@ -238,7 +242,7 @@ def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, stat
     if cfg.sft.steps:
         rng = np.random.default_rng(cfg.seed)
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=cfg.sft.episodes)]
-        pool = expert_pool(lambda: make_env(cfg.env.id, **cfg.env.kwargs), tokenizer, seeds)
+        pool = expert_pool(expert_env_factory(cfg), tokenizer, seeds)
         progress.start("sft", cfg.sft.steps)
 
         def on_step(step: int, loss: float) -> None:
