@@ -79,6 +79,13 @@ class RolloutConfig(Section):
     sync_every: int = Field(1, gt=0, description="async: push the trained weights to the engine every N steps")
     env_step_timeout: float | None = Field(
         60.0, gt=0, description="async: an env reset/step taking longer drops its episode (None: no limit)")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="async: producers in a thread of this process (local) or as Ray actors (ray extra)")
+    ray_address: str | None = Field(
+        None, description="ray: cluster to join ('auto', 'host:port'); None: Ray already initialised, else a local one")
+    num_producers: int = Field(1, gt=0, description="ray: rollout actors, each with its own policy copy")
+    producer_cpus: float = Field(1.0, gt=0, description="ray: CPUs each rollout actor reserves")
+    producer_restarts: int = Field(1, ge=0, description="ray: how often a dead rollout actor is restarted")
 
 
 class UpdateConfig(Section):
@@ -249,6 +256,8 @@ class RunConfig(Section):
             raise ValueError("rollout.mode=async streams groups of plain tasks to LOOP or GRPO: set rollout.mode=sync "
                              "for exit.enabled=true or algorithm.name=dpo")
         r = self.rollout
+        if r.backend == "ray" and r.mode != "async":
+            raise ValueError("rollout.backend=ray runs asynchronous producers: set rollout.mode=async")
         if r.mode == "async" and r.sync_every - 1 > r.max_staleness:
             raise ValueError(f"rollout.sync_every={r.sync_every} leaves the engine up to {r.sync_every - 1} versions "
                              f"behind, more than rollout.max_staleness={r.max_staleness}: every batch would be "

@@ -35,6 +35,15 @@ from looprl.rollout.stream import Group, GroupStream
 from looprl.types import Episode, Trajectory
 
 
+class GroupLost(Exception):
+    """A whole group was lost outside its environments (e.g. `producer_died`): its K episodes
+    are dropped with `reason` and a replacement group takes its slot."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 class RolloutProducer:
     """Plays groups in a background thread's event loop and pushes them into `stream`.
 
@@ -180,8 +189,11 @@ class RolloutProducer:
     async def _play_group(self, seq: int, seed: int) -> None:
         self._in_flight += 1
         try:
-            results = await asyncio.gather(*(self._play_episode(seed, seq) for _ in range(self.group_size)),
-                                           return_exceptions=True)
+            results = await self._play_episodes(seq, seed)
+        except GroupLost as lost:  # e.g. the remote producer playing it died
+            self._report(lost.reason, lost.detail, seed, self.group_size)
+            self._free_slot()
+            return
         finally:
             self._in_flight -= 1
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -203,6 +215,12 @@ class RolloutProducer:
         self.stats["sampled_tokens"] += sum(e.num_sampled_tokens for e in results)
         if not await self.stream.put(group):
             return  # closed: the run is stopping
+
+    async def _play_episodes(self, seq: int, seed: int) -> list[Trajectory | Episode | BaseException]:
+        """The group's K episodes, each an episode or the error that lost it (a remote
+        backend overrides this to play them elsewhere)."""
+        return await asyncio.gather(*(self._play_episode(seed, seq) for _ in range(self.group_size)),
+                                    return_exceptions=True)
 
     async def _play_episode(self, seed: int, seq: int) -> Trajectory | Episode:
         env = self.make_env()

@@ -15,7 +15,7 @@ behind any of its turns, which is what the staleness bound is checked against.
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import threading
 from typing import Sequence
 
@@ -32,10 +32,12 @@ class SnapshotEngine(HFEngine):
         tokenizer: its tokenizer.
         version: the policy version of `model`'s current weights.
         max_batch_size: the most sequences in one `generate` call.
+        copy: copy `model` (False: `model` is private to the engine already, as in a
+            Ray rollout actor that built its own).
     """
 
-    def __init__(self, model, tokenizer, version: int, max_batch_size: int = 64):
-        snapshot = copy.deepcopy(model)
+    def __init__(self, model, tokenizer, version: int, max_batch_size: int = 64, copy: bool = True):
+        snapshot = _copy.deepcopy(model) if copy else model
         snapshot.requires_grad_(False)
         snapshot.eval()
         super().__init__(snapshot, tokenizer, max_batch_size=max_batch_size)

@@ -18,12 +18,17 @@ into a bounded `GroupStream`. Each step then:
 With `max_staleness: 0` the producer starts a batch's groups only once the previous
 update is pushed, samples the same seeds and the batches are sorted into seed order, so
 the run is the synchronous one: same batches, same metrics, same weights (tested).
+
+With `rollout.backend: ray` the groups are played by Ray actors, each with its own
+policy copy (see `looprl/rollout/ray_producers.py`); the stream, the staleness budget and
+the drop reasons are the same, and step 4 pushes the weights through the object store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -40,12 +45,12 @@ from looprl.rollout.producer import RolloutProducer
 from looprl.rollout.stream import GroupStream, StreamClosed
 from looprl.rollout.weight_sync import SnapshotEngine
 from looprl.train.batch import collate, micro_batches, policy_logprobs
-from looprl.train.policy import trainable_state
+from looprl.train.policy import build_policy, trainable_state
 from looprl.types import Trajectory
 
 log = logging.getLogger("looprl.rollout")
 
-DROP_REASONS = ("stale", "env_error", "env_timeout", "env_garbage", "incomplete_group")
+DROP_REASONS = ("stale", "env_error", "env_timeout", "env_garbage", "incomplete_group", "producer_died")
 
 
 class AsyncRollouts:
@@ -128,18 +133,28 @@ class AsyncRollouts:
 
     def _start(self, model, tokenizer, engine, sampler) -> None:
         cfg = self.cfg
-        self.engine = SnapshotEngine(model, tokenizer, engine.version, max_batch_size=cfg.rollout.max_batch_size)
         self.stream = GroupStream(capacity=(cfg.rollout.max_staleness + 1) * cfg.rollout.tasks_per_step,
                                   max_staleness=cfg.rollout.max_staleness,
                                   on_drop=lambda group, reason: self.producer.free(group, reason))
-        self.producer = RolloutProducer(
-            self.engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), sampler.sample, self.stream,
-            group_size=cfg.rollout.group_size, groups_per_batch=cfg.rollout.tasks_per_step,
-            max_staleness=cfg.rollout.max_staleness,
-            params=SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature),
-            max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
-            step_timeout=cfg.rollout.env_step_timeout, threads=cfg.threads, on_drop=self._log_drop,
-        )
+        params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
+        common = dict(next_seeds=sampler.sample, stream=self.stream, group_size=cfg.rollout.group_size,
+                      groups_per_batch=cfg.rollout.tasks_per_step, max_staleness=cfg.rollout.max_staleness,
+                      params=params, max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
+                      step_timeout=cfg.rollout.env_step_timeout, threads=cfg.threads, on_drop=self._log_drop)
+        if cfg.rollout.backend == "ray":
+            self.engine = start_ray_pool(cfg, params)
+            try:
+                self.engine.push(trainable_state(model), engine.version)  # the actors built the config's weights
+            except BaseException:
+                self.engine.shutdown()
+                raise
+            from looprl.rollout.ray_producers import RayRolloutProducer  # imports ray: only when asked
+
+            self.producer = RayRolloutProducer(self.engine, tokenizer, **common)
+        else:
+            self.engine = SnapshotEngine(model, tokenizer, engine.version, max_batch_size=cfg.rollout.max_batch_size)
+            self.producer = RolloutProducer(self.engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs),
+                                            **common)
         self._last["t"] = time.perf_counter()
         self.producer.start()
 
@@ -178,6 +193,30 @@ class AsyncRollouts:
                   "time": time.time()}
         with self._log_lock, self.drop_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def start_ray_pool(cfg: RunConfig, params: SamplingParams):
+    """Connect to Ray (`rollout.ray_address`) and start `rollout.num_producers` rollout actors,
+    each building the policy from `cfg` on its own node."""
+    from looprl.rollout import ray_producers
+
+    started = ray_producers.connect(cfg.rollout.ray_address)
+    r = cfg.rollout
+    actor_kwargs = dict(
+        build_policy=functools.partial(build_policy, cfg),
+        make_env=functools.partial(make_env, cfg.env.id, **cfg.env.kwargs),
+        params=params, max_tokens=cfg.env.max_tokens, context_window=r.context_window,
+        step_timeout=r.env_step_timeout, group_size=r.group_size, max_batch_size=r.max_batch_size,
+        threads=cfg.threads, seed=cfg.seed,
+    )
+    try:
+        return ray_producers.RayActorPool(actor_kwargs, num_actors=r.num_producers, max_restarts=r.producer_restarts,
+                                          num_cpus=r.producer_cpus, max_batch_size=r.max_batch_size,
+                                          started_ray=started)
+    except BaseException:
+        if started:
+            ray_producers.ray.shutdown()
+        raise
 
 
 def running(step_fn, stop, progress):

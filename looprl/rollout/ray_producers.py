@@ -1,0 +1,302 @@
+"""Rollout producers as Ray actors (`rollout.backend: ray`), on this machine or across a cluster.
+
+Each `RolloutActor` builds its own copy of the policy from the run config on its node,
+holds its own environments and engine, and plays whole groups of K episodes for the
+task seeds the trainer hands it. The trainer side is the local producer's own loop
+(`RolloutProducer`: the same staleness budget, the same stream, the same drop reasons);
+only where a group is played changes: `RayRolloutProducer` sends it to the least busy
+actor and awaits the finished episodes, which come back pickled (plain dataclasses).
+
+Weight sync: `RayActorPool.push` puts the trained tensors (the adapter alone with LoRA)
+into the object store once (`ray.put`) and every actor loads that one object between
+two generate calls, tagging later completions with the new version exactly as the
+local `SnapshotEngine` does. It returns once every live actor has loaded it.
+
+Faults: an actor that dies loses the groups it had in flight (counted as
+`producer_died`, replaced by new groups); Ray restarts it up to `max_restarts` times and
+the pool reloads the latest weights into it before its next group. When every actor
+has died for good the run stops with an error instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+
+from looprl.rollout.agent import ObservationTemplater, run_episode
+from looprl.rollout.engine import STAT_KEYS, HFEngine, SamplingParams
+from looprl.rollout.envcalls import EpisodeError
+from looprl.rollout.producer import GroupLost, RolloutProducer
+from looprl.rollout.weight_sync import SnapshotEngine
+
+try:
+    import ray
+    from ray.exceptions import ActorDiedError, RayActorError
+except ImportError:  # the `ray` extra is optional; `connect` says how to get it
+    ray = None
+    ActorDiedError = RayActorError = ()
+
+log = logging.getLogger("looprl.rollout")
+
+
+class RolloutActor:
+    """One remote producer: its own policy copy, engine and environments (wrapped by `ray.remote`).
+
+    Args:
+        build_policy: returns `(model, tokenizer)`, built on the actor's node.
+        make_env: builds one environment.
+        params, max_tokens, context_window, step_timeout: as in `run_episode`.
+        group_size: K, episodes per group.
+        max_batch_size: the most sequences in one generate call.
+        threads: torch threads.
+        seed: seeds the actor's sampling.
+    """
+
+    def __init__(self, build_policy: Callable[[], tuple[Any, Any]], make_env: Callable[[], Any], *,
+                 params: SamplingParams, max_tokens: int, context_window: int | None, step_timeout: float | None,
+                 group_size: int, max_batch_size: int, threads: int, seed: int):
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        model, tokenizer = build_policy()
+        model.requires_grad_(False)
+        # Version -1 until the trainer's first push: no group is played on the config's initial weights.
+        self.engine = SnapshotEngine(model, tokenizer, version=-1, max_batch_size=max_batch_size, copy=False)
+        self.tokenizer, self.templater, self.make_env = tokenizer, ObservationTemplater(tokenizer), make_env
+        self.params, self.max_tokens, self.context_window = params, max_tokens, context_window
+        self.step_timeout, self.group_size = step_timeout, group_size
+
+    async def play_group(self, seed: int, seq: int) -> tuple[list, dict[str, float]]:
+        """The group's K episodes (an env fault becomes `(reason, detail)`) and the engine's stats.
+
+        An engine error raises: as with the local producer it stops the run.
+        """
+        results = await asyncio.gather(*(self._episode(seed, seq) for _ in range(self.group_size)),
+                                       return_exceptions=True)
+        out = []
+        for result in results:
+            if isinstance(result, EpisodeError) and result.reason != "engine_error":
+                out.append((result.reason, result.detail))  # EpisodeError itself does not unpickle
+            elif isinstance(result, BaseException):  # plain, so that any error crosses to the trainer intact
+                raise RuntimeError(f"rollout actor failed: {type(result).__name__}: {result}") from result
+            else:
+                out.append(result)
+        return out, dict(self.engine.stats)
+
+    async def _episode(self, seed: int, seq: int):
+        env = self.make_env()
+        episode = await run_episode(env, self.engine, self.tokenizer, self.templater, self.params, seed=seed,
+                                    max_tokens=self.max_tokens, group_id=seq, context_window=self.context_window,
+                                    step_timeout_s=self.step_timeout)
+        try:
+            env.close()  # not after a lost episode: after an env_timeout an abandoned thread may still use it
+        except Exception as e:  # noqa: BLE001 (the episode is complete; a failing close must not lose it)
+            log.warning("closing an environment of task seed %d raised %s: %s", seed, type(e).__name__, e)
+        return episode
+
+    async def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Load pushed weights between two generate calls; an older version than the one
+        loaded (a re-sync racing a push) is ignored. Returns the engine's version."""
+        if version > self.engine.version:
+            await asyncio.to_thread(self.engine.push, state, version)
+        return self.engine.version
+
+    def weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The engine's copy of the named parameters (tests compare them with the trainer's)."""
+        return {name: self.engine._params[name].detach().clone() for name in names}
+
+    def version(self) -> int:
+        return self.engine.version
+
+
+class RayActorPool:
+    """The trainer's handle on the rollout actors: dispatch, weight sync, restarts, shutdown.
+
+    An actor is *ready* (it gets groups and pushes) or *recovering*: after its death the
+    pool counts it once, and a recovery task in the producer's loop retries loading the
+    latest weights until Ray has restarted it (then it is ready again) or has given up
+    on it (`ActorDiedError`: it is gone for good).
+
+    Args:
+        actor_kwargs: `RolloutActor`'s arguments.
+        num_actors: how many actors to start.
+        max_restarts: how often Ray restarts a dead actor.
+        num_cpus: CPUs each actor reserves (leave some for the trainer).
+        max_batch_size: as the actors' engines (for the occupancy metric).
+        started_ray: whether this pool called `ray.init` (then `shutdown` disconnects).
+        recover_s: how long a dead actor may take to come back before it counts as gone.
+    """
+
+    def __init__(self, actor_kwargs: dict[str, Any], *, num_actors: int, max_restarts: int, num_cpus: float,
+                 max_batch_size: int, started_ray: bool, recover_s: float = 300.0):
+        remote = ray.remote(RolloutActor).options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)
+        self.actors = [remote.remote(**{**actor_kwargs, "seed": actor_kwargs["seed"] + i}) for i in range(num_actors)]
+        self.max_restarts, self.max_batch_size, self.started_ray = max_restarts, max_batch_size, started_ray
+        self.recover_s = recover_s
+        self.in_flight = [0] * num_actors
+        self.deaths = [0] * num_actors
+        self.ready = set(range(num_actors))
+        self._gone: set[int] = set()
+        self._latest: tuple[Any, int] = (None, -1)  # (object ref, version) of the latest push
+        self._stats: dict[int, dict[str, float]] = {}
+        self._retired: Counter[str] = Counter()  # stats of actor lives that ended
+        self._lock = threading.Lock()
+        self._recovering: set[asyncio.Task] = set()
+
+    @property
+    def version(self) -> int:
+        """The latest pushed version."""
+        return self._latest[1]
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The actors' engine stats, summed (for `HFEngine.metrics`' figures)."""
+        with self._lock:
+            total = Counter(self._retired)
+            for stats in self._stats.values():
+                total.update(stats)
+        return {k: total.get(k, 0) for k in STAT_KEYS}
+
+    def metrics(self, since: dict[str, float] | None = None) -> dict[str, float]:
+        return HFEngine.metrics(self, since)  # the same figures, over every actor's engine
+
+    def push(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Every ready actor loads `state` (put in the object store once) as `version`; waits for them."""
+        ref = ray.put({name: t.detach().cpu() for name, t in state.items()})
+        self._latest = (ref, version)
+        with self._lock:  # `ready` changes in the producer's loop thread
+            ready = sorted(self.ready)
+        calls = [self.actors[i].load_weights.remote(ref, version) for i in ready]
+        for call in calls:
+            try:
+                ray.get(call)
+            except RayActorError:
+                pass  # it died: its recovery loads the latest weights before it plays again
+
+    async def play(self, seq: int, seed: int) -> tuple[list, dict[str, float]]:
+        """Play a group on the least busy ready actor.
+
+        Raises:
+            GroupLost: the actor died while playing it ("producer_died").
+            RuntimeError: every actor has died for good.
+        """
+        while not self.ready:
+            if len(self._gone) == len(self.actors):
+                raise RuntimeError(f"every Ray rollout actor died (each restarted {self.max_restarts} times)")
+            await asyncio.sleep(0.05)  # all recovering
+        i = min(self.ready, key=lambda j: self.in_flight[j])
+        life = self.deaths[i]
+        self.in_flight[i] += 1
+        try:
+            results, stats = await asyncio.wrap_future(self.actors[i].play_group.remote(seed, seq).future())
+        except RayActorError as e:
+            self._died(i, life)
+            raise GroupLost("producer_died", f"Ray actor {i} died: {type(e).__name__}") from None
+        finally:
+            self.in_flight[i] -= 1
+        with self._lock:
+            self._stats[i] = stats
+        return results, stats
+
+    def shutdown(self) -> None:
+        """Kill the actors; disconnect from Ray (stopping the cluster it started) if we connected."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:  # noqa: BLE001 (already gone: nothing to kill)
+                log.debug("killing a rollout actor: %s", e)
+        if self.started_ray:
+            ray.shutdown()
+
+    def _died(self, i: int, life: int) -> None:
+        """(Producer loop) a call to actor `i` failed; count its death once and start its recovery."""
+        if life != self.deaths[i] or i not in self.ready:
+            return  # this death was already counted (several groups were lost with it)
+        self.deaths[i] += 1
+        with self._lock:
+            self.ready.discard(i)
+            self._retired.update(self._stats.pop(i, {}))
+        task = asyncio.get_running_loop().create_task(self._recover(i))
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    async def _recover(self, i: int) -> None:
+        deadline = time.monotonic() + self.recover_s
+        while time.monotonic() < deadline:
+            ref, version = self._latest
+            try:
+                loaded = await asyncio.wrap_future(self.actors[i].load_weights.remote(ref, version).future())
+            except ActorDiedError:
+                break  # Ray will not restart it again
+            except RayActorError:
+                await asyncio.sleep(0.2)  # still restarting
+                continue
+            if loaded == self._latest[1]:  # no push slipped in between
+                log.warning("Ray rollout actor %d is back (restart %d) with weights v%d", i, self.deaths[i], loaded)
+                with self._lock:
+                    self.ready.add(i)
+                return
+        self._gone.add(i)
+        log.warning("Ray rollout actor %d died for good (%d deaths)", i, self.deaths[i])
+
+
+class RayRolloutProducer(RolloutProducer):
+    """`RolloutProducer` whose groups are played by Ray actors (`pool`); same budget, stream and drops."""
+
+    def __init__(self, pool: RayActorPool, tokenizer, **kwargs):
+        super().__init__(pool, tokenizer, lambda: None, **kwargs)
+        self.pool = pool
+
+    async def _play_episodes(self, seq: int, seed: int) -> list:
+        try:
+            results, _ = await self.pool.play(seq, seed)
+        except ray.exceptions.RayTaskError as e:  # the actor's engine failed: fatal, as locally
+            return [e]
+        except RuntimeError as e:  # no actor left
+            return [e]
+        return [EpisodeError(*r) if isinstance(r, tuple) else r for r in results]
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        try:
+            return super().stop(timeout)
+        finally:
+            self.pool.shutdown()
+
+
+def connect(address: str | None) -> bool:
+    """Make sure this process is connected to Ray; returns whether it called `ray.init`.
+
+    Args:
+        address: None: the Ray already initialised in this process, else a new local
+            cluster; "auto" or "host:port": an existing cluster (`ray start --head`).
+    """
+    if ray is None:
+        raise ImportError("rollout.backend=ray needs Ray: pip install 'looprl[ray]'")
+    if ray.is_initialized():
+        return False
+    # ray.init replaces the SIGTERM handler (with sys.exit): keep the run's graceful stop.
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if address is None:
+            ray.init(include_dashboard=False, runtime_env=_runtime_env())
+        else:
+            ray.init(address=address, runtime_env=_runtime_env())
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return True
+
+
+def _runtime_env() -> dict[str, Any]:
+    # The actors build the tiny model in the same cache as the trainer when one is set.
+    env = {k: os.environ[k] for k in ("LOOPRL_CACHE",) if k in os.environ}
+    return {"env_vars": env} if env else {}

@@ -1,0 +1,243 @@
+"""Rollout producers as Ray actors (`rollout.backend: ray`) on a Ray cluster started on this
+machine: the run trains, trajectories carry the versions that sampled them within the
+staleness bound, weight sync reaches the actors, and a killed actor loses only its groups."""
+
+from __future__ import annotations
+
+import faulthandler
+import functools
+import json
+import os
+import pickle
+import signal
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+import looprl.train.async_loop as async_loop  # noqa: E402
+from looprl.rollout.engine import SamplingParams  # noqa: E402
+from looprl.rollout.ray_producers import RayActorPool, RayRolloutProducer  # noqa: E402
+from looprl.rollout.stream import GroupStream, StreamClosed  # noqa: E402
+from looprl.train.metrics import read_metrics  # noqa: E402
+from looprl.train.models import load_model, load_tokenizer  # noqa: E402
+from looprl.train.policy import trainable_state  # noqa: E402
+from looprl.train.trainer import train  # noqa: E402
+from looprl.types import Episode, Trajectory  # noqa: E402
+from tests.recipes.test_recipes import final_state, tiny_recipe  # noqa: E402
+from tests.rollout.test_stream import EchoEnv  # noqa: E402
+
+K = 4
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    faulthandler.dump_traceback_later(150, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU Ray cluster on this machine, shut down even when a test fails."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def ray_recipe(tmp_path, **rollout):
+    rollout = {"mode": "async", "backend": "ray", "max_staleness": 1, "group_size": K, "num_producers": 2,
+               "producer_cpus": 0.5, "producer_restarts": 1, **rollout}
+    return tiny_recipe(tmp_path, rollout=rollout, train={"steps": 4, "save_every": 100})
+
+
+def test_connect_starts_a_local_cluster_keeping_the_runs_signal_handlers_and_shutdown_stops_it():
+    from looprl.rollout.ray_producers import connect
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+
+    def handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert connect(None) is True  # the local cluster uses every CPU: nothing else runs here meanwhile
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert connect(None) is False  # already connected: reuse it
+        pool = RayActorPool({"seed": 0}, num_actors=0, max_restarts=0, num_cpus=1, max_batch_size=1,
+                            started_ray=True)
+        pool.shutdown()
+        assert not ray.is_initialized()
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_trajectories_pickle_through_the_object_store(ray_cluster):
+    chunk = Trajectory([1, 2, 3], [0, 1, 1], [0.0, -0.5, -0.25], turn_spans=[(1, 3)], turn_rewards=[1.0],
+                       task_id="7", policy_version=3, info={"success": True})
+    episode = Episode([chunk, chunk])
+    assert ray.get(ray.put([chunk, episode])) == [chunk, episode]
+    assert pickle.loads(pickle.dumps(episode)).reward == episode.reward
+
+
+def test_ray_backend_needs_async_rollouts():
+    with pytest.raises(ValueError, match="rollout.backend=ray runs asynchronous producers"):
+        tiny_recipe("/tmp/unused", rollout={"backend": "ray"})
+
+
+def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, ray_cluster, monkeypatch):
+    taken = []  # (trainer version, policy versions of the batch's episodes)
+    real_take = GroupStream.take
+
+    def take(self, n, version, **kwargs):
+        batch = real_take(self, n, version, **kwargs)
+        if batch is not None:
+            taken.append((version, [e.policy_version for g in batch for e in g.episodes]))
+        return batch
+
+    real_call = async_loop.AsyncRollouts.__call__
+    seen = {"synced": [], "killed_in_flight": None}
+
+    def call(self, cfg, algorithm, model, tokenizer, engine, optimizer, sampler):
+        if "initial" not in seen:
+            seen["initial"] = {k: v.detach().clone() for k, v in trainable_state(model).items()}
+        metrics = real_call(self, cfg, algorithm, model, tokenizer, engine, optimizer, sampler)
+        pool, state = self.engine, trainable_state(model)
+        deadline = time.perf_counter() + 60
+        while self.steps_done == 4 and len(pool.ready) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.05)  # the restarted actor is back, with the latest weights
+        for i in sorted(pool.ready):  # the push returned: every ready actor holds the trainer's weights
+            assert ray.get(pool.actors[i].version.remote()) == engine.version
+            weights = ray.get(pool.actors[i].weights.remote(sorted(state)))
+            assert all(torch.equal(weights[k], state[k]) for k in state)
+            seen["synced"].append((self.steps_done, i))
+        if self.steps_done == 2:  # kill actor 0 while it plays groups
+            deadline = time.perf_counter() + 30
+            while pool.in_flight[0] == 0 and time.perf_counter() < deadline:
+                time.sleep(0.005)
+            seen["killed_in_flight"] = pool.in_flight[0]
+            ray.kill(pool.actors[0], no_restart=False)  # a crash: Ray restarts it (producer_restarts=1)
+            while 0 in pool.ready and time.perf_counter() < deadline:
+                time.sleep(0.005)  # the pool has seen it die
+        seen["pool"] = pool
+        return metrics
+
+    monkeypatch.setattr(GroupStream, "take", take)
+    monkeypatch.setattr(async_loop.AsyncRollouts, "__call__", call)
+    cfg = ray_recipe(tmp_path)
+    start = time.perf_counter()
+    train(cfg)
+    elapsed = time.perf_counter() - start
+
+    # It trained: four steps, optimizer steps taken, weights moved.
+    step, state = final_state(cfg.run_dir)
+    assert step == 4
+    records = [r for r in read_metrics(cfg.run_dir) if "rollout/staleness_max" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert sum(r["train/optimizer_steps"] for r in records) > 0
+    assert any(not torch.equal(state[k], seen["initial"][k]) for k in state)
+
+    # Versions: every episode was sampled by pushed weights (never the actors' own -1),
+    # at most max_staleness behind, and later batches by weights pushed after updates.
+    assert len(taken) == 4 and all(len(v) == 6 * K for _, v in taken)
+    for version, versions in taken:
+        assert all(0 <= version - v <= 1 for v in versions), (version, versions)
+    assert max(v for _, vs in taken for v in vs) >= 2
+    assert all(r["rollout/staleness_max"] <= 1 for r in records)
+
+    # Weight sync reached both actors after each push, and the restarted one once it was back.
+    assert {(1, 0), (1, 1), (2, 0), (2, 1), (3, 1), (4, 0), (4, 1)} <= set(seen["synced"])
+
+    # The killed actor lost its groups, counted as producer_died, and nothing else was lost.
+    assert seen["killed_in_flight"] > 0, "actor 0 had no group in flight: the test would prove nothing"
+    died = sum(r["rollout/dropped/producer_died"] for r in records)
+    assert died > 0 and died % K == 0
+    assert all(r[f"rollout/dropped/{reason}"] == 0 for r in records
+               for reason in ("env_error", "env_timeout", "env_garbage", "incomplete_group"))
+    logged = [json.loads(line) for line in (cfg.run_dir / "rollout_drops.jsonl").read_text().splitlines()]
+    assert logged and all(d["reason"] == "producer_died" and "Ray actor 0 died" in d["detail"] for d in logged)
+    assert seen["pool"].deaths == [1, 0]
+    print(f"ray run: {elapsed:.1f} s")
+
+
+def test_sigterm_saves_a_checkpoint_kills_the_actors_and_keeps_a_cluster_it_did_not_start(tmp_path, ray_cluster,
+                                                                                           monkeypatch):
+    real_call = async_loop.AsyncRollouts.__call__
+    seen = {}
+
+    def call_then_sigterm(self, *args, **kwargs):
+        metrics = real_call(self, *args, **kwargs)
+        seen["pool"] = self.engine
+        os.kill(os.getpid(), signal.SIGTERM)  # ray.init's own SIGTERM handler must not have replaced the run's
+        return metrics
+
+    monkeypatch.setattr(async_loop.AsyncRollouts, "__call__", call_then_sigterm)
+    cfg = ray_recipe(tmp_path, num_producers=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert final_state(cfg.run_dir)[0] == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(seen["pool"].actors[0].version.remote(), timeout=30)
+    assert ray.is_initialized()  # the test's cluster: not ours to stop
+
+
+def _policy(path, broken=False):
+    """What a rollout actor builds: the small tiny model (its engine raising when `broken`)."""
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    if broken:
+        def generate(**kwargs):
+            raise RuntimeError("engine broke")
+        model.generate = generate
+    return model, tokenizer
+
+
+def _ray_producer(tiny_model_path, tokenizer, faults=None, broken=False):
+    pool = RayActorPool(
+        dict(build_policy=functools.partial(_policy, tiny_model_path, broken),
+             make_env=functools.partial(EchoEnv, turns=1, faults=faults or {}), params=SamplingParams(4, 1.0),
+             max_tokens=256, context_window=None, step_timeout=5.0, group_size=2, max_batch_size=8, threads=1,
+             seed=0),
+        num_actors=1, max_restarts=0, num_cpus=0.5, max_batch_size=8, started_ray=False)
+    counter = iter(range(10**6))
+    stream = GroupStream(2, 0)
+    drops = []
+    producer = RayRolloutProducer(pool, tokenizer, next_seeds=lambda n: [next(counter) for _ in range(n)],
+                                  stream=stream, group_size=2, groups_per_batch=2, max_staleness=0,
+                                  params=SamplingParams(4, 1.0), max_tokens=256, on_drop=lambda *a: drops.append(a))
+    stream.on_drop = producer.free
+    return producer, pool, stream, drops
+
+
+def test_env_faults_over_ray_drop_by_reason_and_an_engine_failure_stops_the_run(ray_cluster, tiny_model_path,
+                                                                                 tokenizer):
+    producer, pool, stream, drops = _ray_producer(tiny_model_path, tokenizer, faults={1: "raise"})
+    try:
+        pool.push({}, version=0)
+        producer.start()
+        seeds = []
+        for step in range(2):
+            producer.release(step)
+            batch = stream.take(2, step)
+            assert all(e.policy_version == step for g in batch for e in g.episodes)
+            seeds += [g.seed for g in batch]
+            pool.push({}, version=step + 1)
+    finally:
+        assert producer.stop(timeout=10)
+    assert seeds == [0, 2, 3, 4] and stream.dropped["env_error"] == 2
+    assert any(reason == "env_error" and "tool crashed" in detail and seed == 1 for reason, detail, seed in drops)
+
+    producer, pool, stream, _ = _ray_producer(tiny_model_path, tokenizer, broken=True)
+    try:
+        pool.push({}, version=0)
+        producer.start()
+        with pytest.raises(StreamClosed) as info:
+            stream.take(2, 0)
+        assert "engine broke" in str(info.value.__cause__)
+    finally:
+        assert producer.stop(timeout=10)
