@@ -45,6 +45,7 @@ from looprl.rollout.producer import RolloutProducer
 from looprl.rollout.stream import GroupStream, StreamClosed
 from looprl.rollout.weight_sync import SnapshotEngine
 from looprl.train.batch import collate, micro_batches, policy_logprobs
+from looprl.train.metrics import rollout_metrics
 from looprl.train.policy import build_policy, trainable_state
 from looprl.types import Trajectory
 
@@ -121,7 +122,7 @@ class AsyncRollouts:
             self.producer.release(self.steps_done)
         t2 = time.perf_counter()
         metrics = {
-            **rollout_metrics(episodes, rewards, keep), **train_metrics,
+            **rollout_metrics(episodes, rewards, kept=int(keep.sum().item())), **train_metrics,
             "policy_version": engine.version,
             "perf/rollout_s": t1 - t0,
             "perf/train_s": t2 - t1,
@@ -212,7 +213,7 @@ def start_ray_pool(cfg: RunConfig, params: SamplingParams):
     try:
         return ray_producers.RayActorPool(actor_kwargs, num_actors=r.num_producers, max_restarts=r.producer_restarts,
                                           num_cpus=r.producer_cpus, max_batch_size=r.max_batch_size,
-                                          started_ray=started)
+                                          started_ray=started, push_timeout_s=r.ray_timeout)
     except BaseException:
         if started:
             ray_producers.ray.shutdown()
@@ -222,21 +223,6 @@ def start_ray_pool(cfg: RunConfig, params: SamplingParams):
 def running(step_fn, stop, progress):
     """`step_fn.running(stop, progress)` for asynchronous rollouts, else a no-op context."""
     return step_fn.running(stop, progress) if isinstance(step_fn, AsyncRollouts) else contextlib.nullcontext()
-
-
-def rollout_metrics(groups, rewards: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
-    """The `rollout/*` figures `rl_step` reports, for a batch of groups."""
-    flat = [e for g in groups for e in g]
-    kept_episodes = int(keep.sum().item())
-    return {
-        "rollout/reward_mean": rewards.mean().item(),
-        "rollout/success_rate": sum(bool(e.info.get("success")) for e in flat) / len(flat),
-        "rollout/turns_mean": sum(e.num_turns for e in flat) / len(flat),
-        "rollout/tokens_mean": sum(e.num_sampled_tokens for e in flat) / len(flat),
-        "rollout/truncated_frac": sum(e.truncated for e in flat) / len(flat),
-        "rollout/kept_frac": kept_episodes / len(flat),
-        "rollout/dropped_zero_adv": len(flat) - kept_episodes,
-    }
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from looprl.envs import make_env
 from looprl.rollout.collect import collect_groups
 from looprl.rollout.engine import SamplingParams
 from looprl.train.batch import collate, policy_logprobs, reference_logprobs
+from looprl.train.metrics import rollout_metrics, step_timings
 
 REFERENCE_FILE = "dpo_reference.pt"
 
@@ -96,22 +97,13 @@ def dpo_step(cfg, algorithm, model, tokenizer, engine, optimizer, sampler, refer
     train_metrics = update_on_pairs(cfg, algorithm, model, tokenizer.pad_token_id, optimizer, reference, pairs)
     engine.update_weights()
     t2 = time.perf_counter()
-    flat = [t for g in groups for t in g]
-    sampled = sum(t.num_sampled_tokens for t in flat)
     return {
-        "rollout/reward_mean": rewards.mean().item(),
-        "rollout/success_rate": sum(bool(t.info.get("success")) for t in flat) / len(flat),
-        "rollout/turns_mean": sum(t.num_turns for t in flat) / len(flat),
-        "rollout/tokens_mean": sampled / len(flat),
-        "rollout/truncated_frac": sum(t.truncated for t in flat) / len(flat),
+        **rollout_metrics(groups, rewards),
         "rollout/pairs": len(pairs),
-        "rollout/kept_frac": 2 * len(pairs) / len(flat),
+        "rollout/kept_frac": 2 * len(pairs) / rewards.numel(),
         **train_metrics,
         "policy_version": engine.version,
-        "perf/rollout_s": t1 - t0,
-        "perf/train_s": t2 - t1,
-        "perf/step_s": t2 - t0,
-        "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
+        **step_timings(groups, t0, t1, t2),
     }
 
 

@@ -23,6 +23,7 @@ from looprl.envs.revise import ReviseAttempts
 from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.rollout.exit_sampler import ExItSampler
 from looprl.rollout.revisions import collect_revisions
+from looprl.train.metrics import rollout_metrics, step_timings
 
 
 def expert_env_factory(cfg: RunConfig):
@@ -63,29 +64,18 @@ def exit_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, opt
     train_metrics = _update(cfg, algorithm, model, tokenizer, optimizer, kept)
     engine.update_weights()
     t2 = time.perf_counter()
-    flat = [t for g in groups for t in g]
     revision = [t for s, g in zip(starts, groups) if s.history for t in g]
     fresh = [t for s, g in zip(starts, groups) if not s.history for t in g]
-    sampled = sum(t.num_sampled_tokens for t in flat)
     return {
-        "rollout/reward_mean": rewards.mean().item(),
-        "rollout/success_rate": _success(flat),
-        "rollout/turns_mean": sum(t.num_turns for t in flat) / len(flat),
-        "rollout/tokens_mean": sampled / len(flat),
-        "rollout/truncated_frac": sum(t.truncated for t in flat) / len(flat),
-        "rollout/kept_frac": int(keep.sum().item()) / len(flat),
-        "rollout/dropped_zero_adv": len(flat) - int(keep.sum().item()),
+        **rollout_metrics(groups, rewards, kept=int(keep.sum().item())),
         **({"exit/fresh_success_rate": _success(fresh)} if fresh else {}),
         **({"exit/revision_success_rate": _success(revision)} if revision else {}),
-        "exit/revision_frac": len(revision) / len(flat),
+        "exit/revision_frac": len(revision) / rewards.numel(),
         "exit/learnability_mean": float(np.mean(scores)),
         **sampler.stats(),
         **train_metrics,
         "policy_version": engine.version,
-        "perf/rollout_s": t1 - t0,
-        "perf/train_s": t2 - t1,
-        "perf/step_s": t2 - t0,
-        "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
+        **step_timings(groups, t0, t1, t2),
     }
 
 

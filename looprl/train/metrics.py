@@ -63,3 +63,34 @@ def init_wandb(enabled: bool, mode: str, project: str, name: str, run_dir: Path,
     import wandb
 
     return wandb.init(project=project, name=name, dir=str(run_dir), mode=mode, config=config, resume="allow")
+
+
+def rollout_metrics(groups: list[list[Any]], rewards: Any, kept: int | None = None) -> dict[str, float]:
+    """The `rollout/*` figures of one step's groups of episodes (`rewards`: their (G, K) returns).
+
+    `kept` is the number of episodes trained on (the rest had zero advantage), when the
+    algorithm drops any.
+    """
+    flat = [e for g in groups for e in g]
+    n = len(flat)
+    metrics = {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/success_rate": sum(bool(e.info.get("success")) for e in flat) / n,
+        "rollout/turns_mean": sum(e.num_turns for e in flat) / n,
+        "rollout/tokens_mean": sum(e.num_sampled_tokens for e in flat) / n,
+        "rollout/truncated_frac": sum(e.truncated for e in flat) / n,
+    }
+    if kept is not None:
+        metrics |= {"rollout/kept_frac": kept / n, "rollout/dropped_zero_adv": n - kept}
+    return metrics
+
+
+def step_timings(groups: list[list[Any]], t0: float, t1: float, t2: float) -> dict[str, float]:
+    """`perf/*` of a step that collected `groups` from t0 to t1 and trained from t1 to t2."""
+    sampled = sum(e.num_sampled_tokens for g in groups for e in g)
+    return {
+        "perf/rollout_s": t1 - t0,
+        "perf/train_s": t2 - t1,
+        "perf/step_s": t2 - t0,
+        "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
+    }

@@ -33,7 +33,7 @@ from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.dpo_online import build_reference, dpo_step
 from looprl.train.evaluate import evaluate
 from looprl.train.exit import build_exit_sampler, exit_step, expert_env_factory
-from looprl.train.metrics import MetricsLogger, init_wandb
+from looprl.train.metrics import MetricsLogger, init_wandb, rollout_metrics, step_timings
 from looprl.train.policy import build_policy, load_trainable_state, trainable_state
 from looprl.train.progress import RunProgress
 from looprl.train.sft import expert_pool, run_sft
@@ -142,26 +142,14 @@ def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optim
     rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K), one return per episode
     advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
     kept = chunk_rows(groups, advantages, keep)
-    kept_episodes = int(keep.sum().item())
     train_metrics = _update(cfg, algorithm, model, tokenizer, optimizer, kept)
     engine.update_weights()
     t2 = time.perf_counter()
-    flat = [t for g in groups for t in g]
-    sampled = sum(t.num_sampled_tokens for t in flat)
     return {
-        "rollout/reward_mean": rewards.mean().item(),
-        "rollout/success_rate": sum(bool(t.info.get("success")) for t in flat) / len(flat),
-        "rollout/turns_mean": sum(t.num_turns for t in flat) / len(flat),
-        "rollout/tokens_mean": sampled / len(flat),
-        "rollout/truncated_frac": sum(t.truncated for t in flat) / len(flat),
-        "rollout/kept_frac": kept_episodes / len(flat),
-        "rollout/dropped_zero_adv": len(flat) - kept_episodes,
+        **rollout_metrics(groups, rewards, kept=int(keep.sum().item())),
         **train_metrics,
         "policy_version": engine.version,
-        "perf/rollout_s": t1 - t0,
-        "perf/train_s": t2 - t1,
-        "perf/step_s": t2 - t0,
-        "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
+        **step_timings(groups, t0, t1, t2),
     }
 
 
