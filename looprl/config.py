@@ -86,6 +86,8 @@ class RolloutConfig(Section):
     num_producers: int = Field(1, gt=0, description="ray: rollout actors, each with its own policy copy")
     producer_cpus: float = Field(1.0, gt=0, description="ray: CPUs each rollout actor reserves")
     producer_restarts: int = Field(1, ge=0, description="ray: how often a dead rollout actor is restarted")
+    ray_timeout: float = Field(
+        600.0, gt=0, description="ray: seconds a weight push may wait for an actor (the first includes building it)")
 
 
 class UpdateConfig(Section):

@@ -15,7 +15,16 @@ local `SnapshotEngine` does. It returns once every live actor has loaded it.
 Faults: an actor that dies loses the groups it had in flight (counted as
 `producer_died`, replaced by new groups); Ray restarts it up to `max_restarts` times and
 the pool reloads the latest weights into it before its next group. When every actor
-has died for good the run stops with an error instead of waiting forever.
+has died for good the run stops with an error instead of waiting forever; a push that an
+actor does not answer within `push_timeout_s` (`rollout.ray_timeout`) raises, naming it.
+
+Priority: Ray starts its workers at niceness 15, so on a machine busy with other work
+(other runs, a test suite) an actor gets a few percent of a core: building the policy and
+every generate call then take minutes while the trainer waits on them. The actors are on
+the trainer's critical path, so a local cluster `connect` starts runs its workers at the
+default niceness (`LOCAL_SYSTEM_CONFIG`), and each actor raises its own priority back to 0
+where it may (root, CAP_SYS_NICE) on a cluster started elsewhere; otherwise start that
+cluster with `RAY_worker_niceness=0` in its environment.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ except ImportError:  # the `ray` extra is optional; `connect` says how to get it
 
 log = logging.getLogger("looprl.rollout")
 
+# Ray settings for a local cluster that runs rollout actors: workers at the default
+# niceness, not Ray's 15 (see the module docstring).
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
 
 class RolloutActor:
     """One remote producer: its own policy copy, engine and environments (wrapped by `ray.remote`).
@@ -63,6 +76,7 @@ class RolloutActor:
     def __init__(self, build_policy: Callable[[], tuple[Any, Any]], make_env: Callable[[], Any], *,
                  params: SamplingParams, max_tokens: int, context_window: int | None, step_timeout: float | None,
                  group_size: int, max_batch_size: int, threads: int, seed: int):
+        _unnice()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         model, tokenizer = build_policy()
@@ -132,14 +146,16 @@ class RayActorPool:
         max_batch_size: as the actors' engines (for the occupancy metric).
         started_ray: whether this pool called `ray.init` (then `shutdown` disconnects).
         recover_s: how long a dead actor may take to come back before it counts as gone.
+        push_timeout_s: how long `push` waits for the actors (the first push also waits
+            for them to be built: generous, a real model may have to be loaded first).
     """
 
     def __init__(self, actor_kwargs: dict[str, Any], *, num_actors: int, max_restarts: int, num_cpus: float,
-                 max_batch_size: int, started_ray: bool, recover_s: float = 300.0):
+                 max_batch_size: int, started_ray: bool, recover_s: float = 300.0, push_timeout_s: float = 600.0):
         remote = ray.remote(RolloutActor).options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)
         self.actors = [remote.remote(**{**actor_kwargs, "seed": actor_kwargs["seed"] + i}) for i in range(num_actors)]
         self.max_restarts, self.max_batch_size, self.started_ray = max_restarts, max_batch_size, started_ray
-        self.recover_s = recover_s
+        self.recover_s, self.push_timeout_s = recover_s, push_timeout_s
         self.in_flight = [0] * num_actors
         self.deaths = [0] * num_actors
         self.ready = set(range(num_actors))
@@ -168,17 +184,27 @@ class RayActorPool:
         return HFEngine.metrics(self, since)  # the same figures, over every actor's engine
 
     def push(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Every ready actor loads `state` (put in the object store once) as `version`; waits for them."""
+        """Every ready actor loads `state` (put in the object store once) as `version`; waits for them.
+
+        Raises:
+            TimeoutError: an actor did not load it within `push_timeout_s` (all calls together).
+        """
         ref = ray.put({name: t.detach().cpu() for name, t in state.items()})
         self._latest = (ref, version)
         with self._lock:  # `ready` changes in the producer's loop thread
             ready = sorted(self.ready)
-        calls = [self.actors[i].load_weights.remote(ref, version) for i in ready]
-        for call in calls:
+        calls = [(i, self.actors[i].load_weights.remote(ref, version)) for i in ready]
+        start = time.monotonic()
+        for i, call in calls:
             try:
-                ray.get(call)
+                ray.get(call, timeout=max(start + self.push_timeout_s - time.monotonic(), 0.0))
             except RayActorError:
                 pass  # it died: its recovery loads the latest weights before it plays again
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"Ray rollout actor {i} did not load weights v{version} within {self.push_timeout_s:.0f} s "
+                    f"(rollout.ray_timeout): still being built, or starved of CPU? ({self.actors[i]!r}: its "
+                    f"log is the worker log naming that actor id under the Ray session's logs/)") from None
 
     async def play(self, seq: int, seed: int) -> tuple[list, dict[str, float]]:
         """Play a group on the least busy ready actor.
@@ -270,6 +296,28 @@ class RayRolloutProducer(RolloutProducer):
             self.pool.shutdown()
 
 
+def _unnice() -> None:
+    """Run this actor at niceness 0 where Ray started it lower (see the module docstring).
+
+    On Linux niceness is per thread: every thread of the worker (Ray's own included) is reset.
+    """
+    if not hasattr(os, "getpriority") or os.getpriority(os.PRIO_PROCESS, 0) <= 0:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    try:
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+            except ProcessLookupError:
+                pass  # that thread has ended
+    except OSError as e:  # no permission to raise priority (not root, no CAP_SYS_NICE)
+        log.warning("rollout actor left at niceness %d (%s): on a busy machine start Ray with "
+                    "RAY_worker_niceness=0", os.getpriority(os.PRIO_PROCESS, 0), e)
+
+
 def connect(address: str | None) -> bool:
     """Make sure this process is connected to Ray; returns whether it called `ray.init`.
 
@@ -287,7 +335,7 @@ def connect(address: str | None) -> bool:
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if address is None:
-            ray.init(include_dashboard=False, runtime_env=_runtime_env())
+            ray.init(include_dashboard=False, runtime_env=_runtime_env(), _system_config=LOCAL_SYSTEM_CONFIG)
         else:
             ray.init(address=address, runtime_env=_runtime_env())
     finally:

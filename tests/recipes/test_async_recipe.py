@@ -23,7 +23,7 @@ from tests.recipes.test_recipes import final_state, rl_records, tiny_recipe
 @pytest.fixture(autouse=True)
 def _watchdog():
     """A deadlock fails the test run loudly instead of hanging it."""
-    faulthandler.dump_traceback_later(120, exit=True)
+    faulthandler.dump_traceback_later(600, exit=True)  # a deadlock, not a slow machine
     yield
     faulthandler.cancel_dump_traceback_later()
 

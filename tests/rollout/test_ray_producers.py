@@ -1,6 +1,10 @@
 """Rollout producers as Ray actors (`rollout.backend: ray`) on a Ray cluster started on this
 machine: the run trains, trajectories carry the versions that sampled them within the
-staleness bound, weight sync reaches the actors, and a killed actor loses only its groups."""
+staleness bound, weight sync reaches the actors, and a killed actor loses only its groups.
+
+Every wait is bounded: the pool's pushes by `rollout.ray_timeout` (a clear error naming the
+actor), the test's own Ray calls by `WAIT_S`, and a test still running after `TEST_LIMIT_S`
+fails (with every thread's stack) instead of hanging or exiting the whole pytest run."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ ray = pytest.importorskip("ray")
 
 import looprl.train.async_loop as async_loop  # noqa: E402
 from looprl.rollout.engine import SamplingParams  # noqa: E402
-from looprl.rollout.ray_producers import RayActorPool, RayRolloutProducer  # noqa: E402
+from looprl.rollout.ray_producers import LOCAL_SYSTEM_CONFIG, RayActorPool, RayRolloutProducer  # noqa: E402
 from looprl.rollout.stream import GroupStream, StreamClosed  # noqa: E402
 from looprl.train.metrics import read_metrics  # noqa: E402
 from looprl.train.models import load_model, load_tokenizer  # noqa: E402
@@ -30,19 +34,36 @@ from tests.recipes.test_recipes import final_state, tiny_recipe  # noqa: E402
 from tests.rollout.test_stream import EchoEnv  # noqa: E402
 
 K = 4
+WAIT_S = 60  # the test's own calls to an actor
+PUSH_S = 180  # rollout.ray_timeout: the first push waits for the actors to be built
+TEST_LIMIT_S = 420  # a test running longer fails (16 s on a quiet machine, under a minute on a busy one)
+
+
+class TimedOut(Exception):
+    pass
 
 
 @pytest.fixture(autouse=True)
-def _watchdog():
-    faulthandler.dump_traceback_later(150, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+def _watchdog(request):
+    """Fail a test still running after TEST_LIMIT_S, with every thread's stack, without ending pytest."""
+    def expire(signum, frame):
+        faulthandler.dump_traceback(all_threads=True)
+        raise TimedOut(f"{request.node.name} still running after {TEST_LIMIT_S} s (stacks above)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TEST_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A 2-CPU Ray cluster on this machine, shut down even when a test fails."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A 2-CPU Ray cluster on this machine, shut down even when a test fails; its workers at
+    niceness 0 as the run's own local cluster (Ray's 15 starves them on a busy machine)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
     try:
         yield
     finally:
@@ -51,7 +72,7 @@ def ray_cluster():
 
 def ray_recipe(tmp_path, **rollout):
     rollout = {"mode": "async", "backend": "ray", "max_staleness": 1, "group_size": K, "num_producers": 2,
-               "producer_cpus": 0.5, "producer_restarts": 1, **rollout}
+               "producer_cpus": 0.5, "producer_restarts": 1, "ray_timeout": PUSH_S, **rollout}
     return tiny_recipe(tmp_path, rollout=rollout, train={"steps": 4, "save_every": 100})
 
 
@@ -113,8 +134,8 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
         while self.steps_done == 4 and len(pool.ready) < 2 and time.perf_counter() < deadline:
             time.sleep(0.05)  # the restarted actor is back, with the latest weights
         for i in sorted(pool.ready):  # the push returned: every ready actor holds the trainer's weights
-            assert ray.get(pool.actors[i].version.remote()) == engine.version
-            weights = ray.get(pool.actors[i].weights.remote(sorted(state)))
+            assert ray.get(pool.actors[i].version.remote(), timeout=WAIT_S) == engine.version
+            weights = ray.get(pool.actors[i].weights.remote(sorted(state)), timeout=WAIT_S)
             assert all(torch.equal(weights[k], state[k]) for k in state)
             seen["synced"].append((self.steps_done, i))
         if self.steps_done == 2:  # kill actor 0 while it plays groups
@@ -183,8 +204,26 @@ def test_sigterm_saves_a_checkpoint_kills_the_actors_and_keeps_a_cluster_it_did_
         train(cfg)
     assert final_state(cfg.run_dir)[0] == 1
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(seen["pool"].actors[0].version.remote(), timeout=30)
+        ray.get(seen["pool"].actors[0].version.remote(), timeout=WAIT_S)
     assert ray.is_initialized()  # the test's cluster: not ours to stop
+
+
+def _never_built():
+    time.sleep(3600)  # an actor stuck in its constructor (the test kills it)
+
+
+def test_a_push_an_actor_does_not_answer_raises_naming_it_instead_of_waiting_forever(ray_cluster):
+    pool = RayActorPool(
+        dict(build_policy=_never_built, make_env=None, params=SamplingParams(4, 1.0), max_tokens=1,
+             context_window=None, step_timeout=None, group_size=2, max_batch_size=1, threads=1, seed=0),
+        num_actors=1, max_restarts=0, num_cpus=0.5, max_batch_size=1, started_ray=False, push_timeout_s=2)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(TimeoutError, match=r"Ray rollout actor 0 did not load weights v0 within 2 s"):
+            pool.push({}, version=0)
+        assert time.perf_counter() - start < WAIT_S
+    finally:
+        pool.shutdown()
 
 
 def _policy(path, broken=False):
@@ -203,7 +242,7 @@ def _ray_producer(tiny_model_path, tokenizer, faults=None, broken=False):
              make_env=functools.partial(EchoEnv, turns=1, faults=faults or {}), params=SamplingParams(4, 1.0),
              max_tokens=256, context_window=None, step_timeout=5.0, group_size=2, max_batch_size=8, threads=1,
              seed=0),
-        num_actors=1, max_restarts=0, num_cpus=0.5, max_batch_size=8, started_ray=False)
+        num_actors=1, max_restarts=0, num_cpus=0.5, max_batch_size=8, started_ray=False, push_timeout_s=PUSH_S)
     counter = iter(range(10**6))
     stream = GroupStream(2, 0)
     drops = []

@@ -25,7 +25,7 @@ from looprl.types import Trajectory
 @pytest.fixture(autouse=True)
 def _watchdog():
     """A deadlock fails the test run loudly instead of hanging it."""
-    faulthandler.dump_traceback_later(60, exit=True)
+    faulthandler.dump_traceback_later(600, exit=True)  # a deadlock, not a slow machine
     yield
     faulthandler.cancel_dump_traceback_later()
 
