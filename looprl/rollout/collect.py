@@ -95,3 +95,14 @@ def collect_groups(
         raise RuntimeError(f"Every group was lost to episode failures ({dict(reasons)}); the first: "
                            f"{failures[0].error}") from failures[0].error
     return (kept, failures) if return_failures else kept
+
+
+def collect_step_groups(cfg, engine: InferenceEngine, tokenizer, seeds: Sequence[int]) -> list[list[Trajectory | Episode]]:
+    """The groups of one training step of run config `cfg`: `group_size` episodes per task seed."""
+    from looprl.envs import make_env
+
+    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
+    return collect_groups(
+        engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), seeds,
+        cfg.rollout.group_size, params, max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
+    )

@@ -33,9 +33,7 @@ from typing import Sequence
 import torch
 
 from looprl.algorithms.dpo import sequence_logps
-from looprl.envs import make_env
-from looprl.rollout.collect import collect_groups
-from looprl.rollout.engine import SamplingParams
+from looprl.rollout.collect import collect_step_groups
 from looprl.train.batch import collate, policy_logprobs, reference_logprobs
 from looprl.train.metrics import rollout_metrics, step_timings
 
@@ -85,12 +83,7 @@ def build_reference(cfg, model, run_dir: Path, fresh: bool) -> Reference:
 def dpo_step(cfg, algorithm, model, tokenizer, engine, optimizer, sampler, reference: Reference) -> dict[str, float]:
     """One online DPO step: rollouts, best/worst pairs, `epochs` passes of pair minibatches."""
     t0 = time.perf_counter()
-    seeds = sampler.sample(cfg.rollout.tasks_per_step)
-    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
-    groups = collect_groups(
-        engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), seeds,
-        cfg.rollout.group_size, params, max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
-    )
+    groups = collect_step_groups(cfg, engine, tokenizer, sampler.sample(cfg.rollout.tasks_per_step))
     t1 = time.perf_counter()
     rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
     pairs = [(groups[g][b], groups[g][w]) for g, b, w in algorithm.pairs(rewards)]

@@ -24,8 +24,8 @@ import torch
 from looprl.algorithms import build_algorithm
 from looprl.config import DPOConfig, RunConfig, from_dict, to_yaml
 from looprl.envs import make_env
-from looprl.rollout.collect import collect_groups
-from looprl.rollout.engine import HFEngine, SamplingParams
+from looprl.rollout.collect import collect_step_groups
+from looprl.rollout.engine import HFEngine
 from looprl.rollout.sampler import TaskSampler
 from looprl.train.async_loop import AsyncRollouts, running
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
@@ -132,12 +132,7 @@ def rl_step(cfg: RunConfig, algorithm, model, tokenizer, engine: HFEngine, optim
             sampler: TaskSampler) -> dict[str, float]:
     """One RL step: rollouts, the algorithm's advantages, epochs of minibatch updates."""
     t0 = time.perf_counter()
-    seeds = sampler.sample(cfg.rollout.tasks_per_step)
-    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature)
-    groups = collect_groups(
-        engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs), seeds,
-        cfg.rollout.group_size, params, max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
-    )
+    groups = collect_step_groups(cfg, engine, tokenizer, sampler.sample(cfg.rollout.tasks_per_step))
     t1 = time.perf_counter()
     rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K), one return per episode
     advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)

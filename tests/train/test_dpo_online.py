@@ -122,7 +122,7 @@ def test_dpo_step_pairs_best_and_worst_and_skips_tied_groups(setup, monkeypatch)
     rng = random.Random(3)
     rewards = [[0.0, 1.0, 0.5], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.2, 0.0, 0.2]]
     groups = [[trajectory(rng, len(tokenizer), reward=r) for r in row] for row in rewards]
-    monkeypatch.setattr(dpo_online, "collect_groups", lambda *a, **k: groups)
+    monkeypatch.setattr(dpo_online, "collect_step_groups", lambda *a, **k: groups)
     seen = []
     real = dpo_online.update_on_pairs
 
