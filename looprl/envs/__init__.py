@@ -8,6 +8,7 @@ unknown id. Environments count their own turns, so none is registered with
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import gymnasium
@@ -51,12 +52,22 @@ def make_env(env_id: str, **kwargs: Any) -> gymnasium.Env:
     """`gymnasium.make(env_id, **kwargs)`, with a clear error for an unknown id.
 
     Args:
-        env_id: A registered id, e.g. `"looprl/Calc-v0"`.
+        env_id: A registered id, e.g. `"looprl/Calc-v0"`, or, as in `gymnasium.make`,
+            `"module:EnvId"`: `module` is imported first and registers `EnvId`. That
+            form registers a user's environment wherever it is made, in a Ray rollout
+            actor's process too.
         **kwargs: The environment's constructor arguments.
 
     Raises:
-        ValueError: `env_id` is not registered; the message lists the looprl ids.
+        ValueError: `env_id` is not registered (or its module cannot be imported); the
+            message lists the looprl ids.
     """
+    if ":" in env_id:
+        module, _, env_id = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"Environment module {module!r} (of {module}:{env_id}) cannot be imported: {e}") from None
     if env_id not in gymnasium.registry:
         known = ", ".join(env_ids())
         raise ValueError(

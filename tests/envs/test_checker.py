@@ -190,6 +190,22 @@ def test_make_env_names_an_unknown_id():
         make_env("looprl/Calk-v0")
 
 
+def test_make_env_imports_the_module_of_a_module_colon_id(tmp_path, monkeypatch):
+    """`module:EnvId` registers a user's environment wherever it is made (a Ray actor too)."""
+    (tmp_path / "user_envs_for_looprl.py").write_text(
+        "import gymnasium\n"
+        "gymnasium.register(id='user/Calc2-v0', entry_point='looprl.envs.calc:CalcEnv', kwargs={'max_turns': 2})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "user/Calc2-v0" not in gymnasium.registry
+    env = make_env("user_envs_for_looprl:user/Calc2-v0")
+    assert env.unwrapped.max_turns == 2
+    with pytest.raises(ValueError, match=r"Environment module 'no_such_module_xyz' .*cannot be imported"):
+        make_env("no_such_module_xyz:user/Calc2-v0")
+    with pytest.raises(ValueError, match=r"Unknown environment id 'user/Nope-v0'"):
+        make_env("user_envs_for_looprl:user/Nope-v0")
+    gymnasium.registry.pop("user/Calc2-v0")
+
+
 def test_make_env_builds_a_registered_id():
     env = make_env("looprl/Calc-v0", max_turns=2)
     assert env.unwrapped.max_turns == 2
