@@ -68,6 +68,8 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(64, gt=0, description="the most tokens in one turn")
     temperature: float = Field(1.0, gt=0, description="sampling temperature during training")
     max_batch_size: int = Field(128, gt=0, description="the most sequences in one generate call")
+    prefix_cache: bool = Field(
+        True, description="keep each episode's keys/values between its turns, feeding only new tokens (hf engine)")
     context_window: int | None = Field(
         None, ge=1, description="recent turns kept in the agent's context; longer episodes train as chunks (None: all)")
     mode: Literal["sync", "async"] = Field(

@@ -4,8 +4,8 @@
 from asyncio tasks; the engine gathers the pending requests into one left-padded
 `model.generate` call, so N concurrent episodes cost one forward per token instead of
 N. The logprob it records for a sampled token is under the exact distribution it
-sampled from (temperature applied, no top-k/top-p truncation), which is what the PPO
-ratio needs.
+sampled from (temperature applied, no top-k/top-p truncation and none of the model's
+generation-config processors), which is what the PPO ratio needs.
 
 Batching is turn-level and continuous: while a batch generates, new requests queue;
 when it ends, the next batch is taken from everything queued (oldest first, one set of
@@ -13,16 +13,33 @@ sampling params per batch, at most `max_batch_size` rows). Before taking a batch
 engine waits, up to `turn_wait_s`, for the episodes that are away in an environment call
 (see `looprl.rollout.turns`), so that with fast tools a batch holds one turn of every
 live episode and runs reproduce exactly.
+
+Prefix cache: an episode's next turn starts with everything its last turn saw and
+sampled, so the engine keeps each live episode's keys and values after its turn and
+feeds only the new tokens (the tool result and the chat template around it) next time,
+instead of re-reading the whole context. A batch then mixes rows with different cached
+lengths: each row's cache is left-padded to the longest and its new tokens follow it,
+with the gap masked and explicit position ids. The cache is dropped when the episode
+ends, when the weights change (a new version) and whenever the prompt no longer extends
+what was cached (only the common prefix is reused). Models whose attention is not full
+attention on every layer (sliding windows, state-space layers) decode through
+`model.generate` without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from looprl.rollout.turns import EpisodeTurn, current_episode, turn_board
 
@@ -86,7 +103,18 @@ class _Pending:
     arrived: float
 
 
-STAT_KEYS = ("generate_calls", "sequences", "sampled_tokens", "row_steps", "busy_s", "queue_wait_s", "hold_s")
+STAT_KEYS = ("generate_calls", "sequences", "sampled_tokens", "row_steps", "busy_s", "queue_wait_s", "hold_s",
+             "prompt_tokens", "cached_tokens")
+
+
+@dataclass(eq=False)
+class _Prefix:
+    """One episode's cached context: `ids` and, per layer, their keys and values
+    (each `(kv_heads, len(ids), head_dim)`), computed by the weights of `version`."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    version: int
 
 
 class HFEngine:
@@ -95,9 +123,10 @@ class HFEngine:
     `stats` counts, since the engine was made: `generate_calls`, `sequences` (requests
     served), `sampled_tokens` (kept: up to each row's stop token), `row_steps` (rows x
     decode steps of every call), `busy_s` (seconds inside `generate_batch`),
-    `queue_wait_s` (summed seconds requests waited for their batch) and `hold_s`
-    (seconds a batch was held for episodes in environment calls). `metrics()` turns
-    them into the `perf/engine_*` figures a trainer logs.
+    `queue_wait_s` (summed seconds requests waited for their batch), `hold_s`
+    (seconds a batch was held for episodes in environment calls), `prompt_tokens`
+    (prompt tokens of all requests) and `cached_tokens` (of those, the ones the prefix
+    cache held). `metrics()` turns them into the `perf/engine_*` figures a trainer logs.
 
     Args:
         model: a causal LM (plain or peft-wrapped). The trainer may share this object:
@@ -107,9 +136,15 @@ class HFEngine:
         turn_wait_s: the longest a batch waits for an episode that has made no progress
             (is in an environment call); slower calls no longer hold the others back,
             but then which batch a turn lands in depends on timing.
+        prefix_cache: keep each live episode's keys and values between its turns (see
+            the module doc), decoding with the engine's own loop; False decodes
+            through `model.generate`. Runs with and without it sample from the same
+            distributions but, their floating-point sums differing in the last bits,
+            not always the same tokens.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 64, turn_wait_s: float = 1.0):
+    def __init__(self, model, tokenizer, max_batch_size: int = 64, turn_wait_s: float = 1.0,
+                 prefix_cache: bool = True):
         if max_batch_size <= 0:
             raise ValueError(f"Expect `max_batch_size` to be positive, actually: {max_batch_size}")
         if turn_wait_s < 0:
@@ -121,12 +156,19 @@ class HFEngine:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.version = 0
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.prefix_cache = self.own_decoding = prefix_cache and decodes_with_cache(model)
+        self._logits_to_keep = _accepts(model, "logits_to_keep")
+        # transformers 5.x names the forward's cache argument `cache`, earlier ones `past_key_values`.
+        self._cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        self._prefixes: weakref.WeakKeyDictionary[EpisodeTurn, _Prefix] = weakref.WeakKeyDictionary()
+        self._prefix_lock = threading.Lock()  # the loop frees prefixes while a batch runs in a thread
         self._pending: list[_Pending] = []
         self._worker: asyncio.Task | None = None
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         loop = asyncio.get_running_loop()
         board, episode = turn_board(), current_episode()
+        board.on_end(self._forget)
         ticket = board.asked(episode, len(requests)) if episode is not None and requests else None
         futures = []
         for request in requests:
@@ -147,7 +189,8 @@ class HFEngine:
         - `perf/engine_requests`, `perf/engine_generate_calls`, `perf/engine_tokens`
           (sampled), `perf/engine_busy_s` (generating), `perf/engine_tokens_per_s` (per
           busy second), `perf/engine_queue_wait_s` (mean per request),
-          `perf/engine_hold_s` (waiting for episodes in environment calls).
+          `perf/engine_hold_s` (waiting for episodes in environment calls),
+          `perf/engine_prefix_hit` (the fraction of prompt tokens the prefix cache held).
         """
         d = {k: self.stats[k] - (since or {}).get(k, 0) for k in STAT_KEYS}
         return {
@@ -160,6 +203,7 @@ class HFEngine:
             "perf/engine_tokens_per_s": d["sampled_tokens"] / max(d["busy_s"], 1e-9),
             "perf/engine_queue_wait_s": d["queue_wait_s"] / max(d["sequences"], 1),
             "perf/engine_hold_s": float(d["hold_s"]),
+            "perf/engine_prefix_hit": d["cached_tokens"] / max(d["prompt_tokens"], 1),
         }
 
     def update_weights(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -184,7 +228,8 @@ class HFEngine:
             now = loop.time()
             self.stats["queue_wait_s"] += sum(now - item.arrived for item in batch)
             try:
-                completions = await asyncio.to_thread(self.generate_batch, [item.request for item in batch])
+                completions = await asyncio.to_thread(
+                    self.generate_batch, [item.request for item in batch], keys=[item.episode for item in batch])
             except BaseException as e:  # hand the error to the waiting episodes
                 for item in batch:
                     if not item.future.done():
@@ -212,9 +257,31 @@ class HFEngine:
         return batch
 
     @torch.no_grad()
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        """Run one `generate` over requests that share their sampling params."""
+    def generate_batch(self, requests: Sequence[GenerationRequest],
+                       keys: Sequence[EpisodeTurn | None] | None = None) -> list[Completion]:
+        """Sample one turn for each of `requests`, which share their sampling params.
+
+        Args:
+            requests: the prompts and their (shared) sampling params.
+            keys: the episode each request belongs to (None: none), whose cached
+                prefix it may reuse and under which its context is cached for its next turn.
+        """
         started = time.perf_counter()
+        keys = list(keys) if keys is not None else [None] * len(requests)
+        if self.own_decoding:
+            new_ids, logprobs = self._decode(requests, keys)
+        else:
+            new_ids, logprobs = self._generate(requests)
+        completions = [self._cut(ids, lps) for ids, lps in zip(new_ids.tolist(), logprobs.tolist())]
+        self.stats["generate_calls"] += 1
+        self.stats["sequences"] += len(requests)
+        self.stats["row_steps"] += new_ids.numel()
+        self.stats["prompt_tokens"] += sum(len(r.prompt_ids) for r in requests)
+        self.stats["busy_s"] += time.perf_counter() - started
+        return completions
+
+    def _generate(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids and their logprobs, both (B, T), through `model.generate` (no prefix cache)."""
         params = requests[0].params
         input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
         greedy = params.temperature == 0
@@ -230,20 +297,112 @@ class HFEngine:
             [torch.log_softmax(s.float(), -1).gather(-1, new_ids[:, t, None])[:, 0]
              for t, s in enumerate(out.scores)], dim=1,
         )  # (B, T)
-        completions = [self._cut(ids, lps) for ids, lps in zip(new_ids.tolist(), logprobs.tolist())]
-        self.stats["generate_calls"] += 1
-        self.stats["sequences"] += len(requests)
-        self.stats["row_steps"] += new_ids.numel()
-        self.stats["busy_s"] += time.perf_counter() - started
-        return completions
+        return new_ids, logprobs
 
-    def _cut(self, ids: list[int], logprobs: list[float]) -> Completion:
-        # generate pads a row after its stop token: keep up to and including the first one.
+    def _decode(self, requests: Sequence[GenerationRequest],
+                keys: Sequence[EpisodeTurn | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids and their logprobs, both (B, T): a prefill of the tokens no cache
+        holds, then one forward per sampled token (see the module doc for the layout)."""
+        params, version = requests[0].params, self.version
+        with self._prefix_lock:
+            self._prune()
+            reused = [self._reusable(key, r.prompt_ids) for key, r in zip(keys, requests)]
+        held = [n for _, n in reused]
+        fresh = [r.prompt_ids[n:] for r, n in zip(requests, held)]
+        past_len, new_len = max(held), max(len(ids) for ids in fresh)
+        batch = len(requests)
+        # Row i: [pad][its cached prefix] [pad][its new tokens], all right-aligned.
+        mask = torch.zeros((batch, past_len + new_len), dtype=torch.long)
+        input_ids = torch.full((batch, new_len), self.pad_id, dtype=torch.long)
+        for row, ids in enumerate(fresh):
+            mask[row, past_len - held[row]:past_len] = 1
+            mask[row, past_len + new_len - len(ids):] = 1
+            input_ids[row, new_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        room = new_len + params.max_new_tokens  # what this call appends to each layer
+        cache = DynamicCache()
+        if past_len:
+            cache.layers = [_RoomyLayer(room, k, v) for k, v in _padded_layers(reused, past_len)]
+            cache.layer_class_to_replicate = None
+        else:
+            cache.layer_class_to_replicate = functools.partial(_RoomyLayer, room)
+        self.stats["cached_tokens"] += sum(held)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        # The model appends every fed token's keys and values to `cache` in place.
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, past_len:],
+                         use_cache=True, **{self._cache_arg: cache}, **extra)
+        stop = torch.tensor(self.stop_ids, dtype=torch.long)
+        alive = torch.ones(batch, dtype=torch.bool)
+        position = positions[:, -1]
+        sampled, logprobs = [], []
+        for step in range(params.max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if params.temperature == 0:
+                token = logits.argmax(-1)
+                logprob = torch.log_softmax(logits, -1)
+            else:
+                scores = logits / params.temperature
+                token = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
+                logprob = torch.log_softmax(scores, -1)
+            token = torch.where(alive, token, self.pad_id)
+            sampled.append(token)
+            logprobs.append(logprob.gather(-1, token[:, None])[:, 0])
+            alive = alive & ~torch.isin(token, stop)
+            if step == params.max_new_tokens - 1 or not alive.any():
+                break
+            # A stopped row's last token is fed masked: its context ends before it.
+            mask = torch.cat([mask, alive[:, None].long()], dim=1)
+            position = position + 1
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                             use_cache=True, **{self._cache_arg: cache})
+        new_ids, logprobs = torch.stack(sampled, 1), torch.stack(logprobs, 1)
+        if self.prefix_cache:
+            with self._prefix_lock:
+                self._keep(keys, requests, new_ids, mask, cache, version)
+        return new_ids, logprobs
+
+    def _forget(self, episode: EpisodeTurn) -> None:
+        with self._prefix_lock:
+            self._prefixes.pop(episode, None)
+
+    def _reusable(self, key: EpisodeTurn | None, prompt: list[int]) -> tuple[_Prefix | None, int]:
+        """The cached prefix of `key`'s episode and how many of `prompt`'s tokens it holds
+        (at most all but the last, whose logits start the turn)."""
+        prefix = self._prefixes.get(key) if key is not None and self.prefix_cache else None
+        if prefix is None or prefix.version != self.version:
+            return None, 0
+        limit = min(len(prefix.ids), len(prompt) - 1)
+        if prompt[:limit] == prefix.ids[:limit]:
+            return prefix, limit
+        held = 0
+        while held < limit and prompt[held] == prefix.ids[held]:
+            held += 1
+        return prefix, held
+
+    def _keep(self, keys, requests, new_ids: torch.Tensor, mask: torch.Tensor, cache, version: int) -> None:
+        """Cache each keyed row's context: its prompt and sampled tokens but the last (never fed)."""
+        for row, key in enumerate(keys):
+            if key is None or key.ended:
+                continue
+            real = mask[row].bool()
+            ids = list(requests[row].prompt_ids) + self._cut(new_ids[row].tolist(), [], count=False).token_ids[:-1]
+            layers = [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in cache.layers]
+            if layers[0][0].shape[1] != len(ids):  # cannot happen: the mask marks exactly these tokens
+                raise RuntimeError(f"Prefix cache: {layers[0][0].shape[1]} cached positions for {len(ids)} tokens")
+            self._prefixes[key] = _Prefix(ids, layers, version)
+
+    def _prune(self) -> None:
+        """Drop the prefixes of ended episodes and of older weights."""
+        for key in [k for k, p in self._prefixes.items() if k.ended or p.version != self.version]:
+            del self._prefixes[key]
+
+    def _cut(self, ids: list[int], logprobs: list[float], count: bool = True) -> Completion:
+        # A batch pads a row after its stop token: keep up to and including the first one.
         for i, token in enumerate(ids):
             if token in self.stop_ids:
-                self.stats["sampled_tokens"] += i + 1
+                self.stats["sampled_tokens"] += (i + 1) * count
                 return Completion(ids[: i + 1], logprobs[: i + 1], True, self.version)
-        self.stats["sampled_tokens"] += len(ids)
+        self.stats["sampled_tokens"] += len(ids) * count
         return Completion(ids, logprobs, False, self.version)
 
 
@@ -254,6 +413,68 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     ids.update(eos if isinstance(eos, list) else [eos])
     ids.discard(None)
     return sorted(ids)
+
+
+def decodes_with_cache(model) -> bool:
+    """Whether `HFEngine` can decode `model` itself with a per-episode prefix cache: a
+    decoder-only model whose every layer is full attention (no sliding window, no
+    state-space layers), so a `DynamicCache` of plain layers holds its whole context."""
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return set(layer_types) == {"full_attention"} and not sliding
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
+class _RoomyLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into room allocated once per batch (the new tokens
+    and one turn of decoding) instead of concatenating a new tensor at every step."""
+
+    def __init__(self, room: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.room, self.length = room, 0
+        self._keys = self._values = None
+        if keys is not None:
+            self.update(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+        n = key_states.shape[-2]
+        if self._keys is None or self.length + n > self._keys.shape[-2]:
+            grown_k = key_states.new_empty((*key_states.shape[:2], self.length + n + self.room, key_states.shape[-1]))
+            grown_v = value_states.new_empty((*value_states.shape[:2], self.length + n + self.room,
+                                              value_states.shape[-1]))
+            if self.length:
+                grown_k[:, :, : self.length] = self._keys[:, :, : self.length]
+                grown_v[:, :, : self.length] = self._values[:, :, : self.length]
+            self._keys, self._values = grown_k, grown_v
+        self._keys[:, :, self.length: self.length + n] = key_states
+        self._values[:, :, self.length: self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+
+def _padded_layers(reused: Sequence[tuple[_Prefix | None, int]], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the rows' cached keys and values left-padded with zeros to `length`."""
+    prefix = next(p for p, n in reused if n)
+    layers = []
+    for layer, (k0, v0) in enumerate(prefix.layers):
+        keys = k0.new_zeros((len(reused), k0.shape[0], length, k0.shape[2]))
+        values = v0.new_zeros((len(reused), v0.shape[0], length, v0.shape[2]))
+        for row, (p, n) in enumerate(reused):
+            if n:
+                keys[row, :, length - n:] = p.layers[layer][0][:, :n]
+                values[row, :, length - n:] = p.layers[layer][1][:, :n]
+        layers.append((keys, values))
+    return layers
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

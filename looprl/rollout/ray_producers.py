@@ -69,20 +69,22 @@ class RolloutActor:
         params, max_tokens, context_window, step_timeout: as in `run_episode`.
         group_size: K, episodes per group.
         max_batch_size: the most sequences in one generate call.
+        prefix_cache: keep each episode's keys and values between its turns.
         threads: torch threads.
         seed: seeds the actor's sampling.
     """
 
     def __init__(self, build_policy: Callable[[], tuple[Any, Any]], make_env: Callable[[], Any], *,
                  params: SamplingParams, max_tokens: int, context_window: int | None, step_timeout: float | None,
-                 group_size: int, max_batch_size: int, threads: int, seed: int):
+                 group_size: int, max_batch_size: int, threads: int, seed: int, prefix_cache: bool = True):
         _unnice()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         model, tokenizer = build_policy()
         model.requires_grad_(False)
         # Version -1 until the trainer's first push: no group is played on the config's initial weights.
-        self.engine = SnapshotEngine(model, tokenizer, version=-1, max_batch_size=max_batch_size, copy=False)
+        self.engine = SnapshotEngine(model, tokenizer, version=-1, max_batch_size=max_batch_size, copy=False,
+                                     prefix_cache=prefix_cache)
         self.tokenizer, self.templater, self.make_env = tokenizer, ObservationTemplater(tokenizer), make_env
         self.params, self.max_tokens, self.context_window = params, max_tokens, context_window
         self.step_timeout, self.group_size = step_timeout, group_size

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import weakref
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 _CURRENT: contextvars.ContextVar[EpisodeTurn | None] = contextvars.ContextVar("looprl_episode", default=None)
@@ -62,6 +62,11 @@ class TurnBoard:
         self._tickets = 0
         self._busy: set[EpisodeTurn] = set()
         self._waiters: list[asyncio.Future] = []
+        self._on_end: set[Callable[[EpisodeTurn], None]] = set()
+
+    def on_end(self, callback: Callable[[EpisodeTurn], None]) -> None:
+        """Call `callback(episode)` whenever an episode ends (an engine frees what it holds for it)."""
+        self._on_end.add(callback)
 
     def ticket(self) -> int:
         self._tickets += 1
@@ -80,6 +85,8 @@ class TurnBoard:
         episode.ended = True
         self._busy.discard(episode)
         self._notify()
+        for callback in self._on_end:
+            callback(episode)
 
     def asked(self, episode: EpisodeTurn, n: int) -> int:
         """The episode asked for `n` turns; returns the ticket its requests carry."""

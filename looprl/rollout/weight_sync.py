@@ -34,21 +34,24 @@ class SnapshotEngine(HFEngine):
         max_batch_size: the most sequences in one `generate` call.
         copy: copy `model` (False: `model` is private to the engine already, as in a
             Ray rollout actor that built its own).
+        prefix_cache: keep each episode's keys and values between its turns (a push
+            drops them: they were computed by the old weights).
     """
 
-    def __init__(self, model, tokenizer, version: int, max_batch_size: int = 64, copy: bool = True):
+    def __init__(self, model, tokenizer, version: int, max_batch_size: int = 64, copy: bool = True,
+                 prefix_cache: bool = True):
         snapshot = _copy.deepcopy(model) if copy else model
         snapshot.requires_grad_(False)
         snapshot.eval()
-        super().__init__(snapshot, tokenizer, max_batch_size=max_batch_size)
+        super().__init__(snapshot, tokenizer, max_batch_size=max_batch_size, prefix_cache=prefix_cache)
         self.version = version
         self.pushed_tensors = 0  # tensors moved by the last push (tests check LoRA moves only adapters)
         self._lock = threading.Lock()
         self._params = dict(snapshot.named_parameters())
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+    def generate_batch(self, requests: Sequence[GenerationRequest], keys=None) -> list[Completion]:
         with self._lock:
-            return super().generate_batch(requests)
+            return super().generate_batch(requests, keys)
 
     def push(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Copy `state` (parameter name -> tensor, e.g. the trainer's trainable

@@ -153,7 +153,8 @@ class AsyncRollouts:
 
             self.producer = RayRolloutProducer(self.engine, tokenizer, **common)
         else:
-            self.engine = SnapshotEngine(model, tokenizer, engine.version, max_batch_size=cfg.rollout.max_batch_size)
+            self.engine = SnapshotEngine(model, tokenizer, engine.version, max_batch_size=cfg.rollout.max_batch_size,
+                                         prefix_cache=cfg.rollout.prefix_cache)
             self.producer = RolloutProducer(self.engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs),
                                             **common)
         self._last["t"] = time.perf_counter()
@@ -208,7 +209,7 @@ def start_ray_pool(cfg: RunConfig, params: SamplingParams):
         make_env=functools.partial(make_env, cfg.env.id, **cfg.env.kwargs),
         params=params, max_tokens=cfg.env.max_tokens, context_window=r.context_window,
         step_timeout=r.env_step_timeout, group_size=r.group_size, max_batch_size=r.max_batch_size,
-        threads=cfg.threads, seed=cfg.seed,
+        prefix_cache=r.prefix_cache, threads=cfg.threads, seed=cfg.seed,
     )
     try:
         return ray_producers.RayActorPool(actor_kwargs, num_actors=r.num_producers, max_restarts=r.producer_restarts,

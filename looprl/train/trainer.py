@@ -55,7 +55,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
+                      prefix_cache=cfg.rollout.prefix_cache)
     algorithm = build_algorithm(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

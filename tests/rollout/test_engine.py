@@ -24,9 +24,9 @@ class SpyEngine(HFEngine):
         super().__init__(*args, **kwargs)
         self.batches: list[list[GenerationRequest]] = []
 
-    def generate_batch(self, requests):
+    def generate_batch(self, requests, keys=None):
         self.batches.append(list(requests))
-        return super().generate_batch(requests)
+        return super().generate_batch(requests, keys)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -191,7 +191,7 @@ def test_update_weights_bumps_version_and_completions_carry_it(model, tokenizer)
 
 
 class FailingEngine(HFEngine):
-    def generate_batch(self, requests):
+    def generate_batch(self, requests, keys=None):
         raise RuntimeError("generation broke")
 
 

@@ -230,9 +230,9 @@ def _policy(path, broken=False):
     """What a rollout actor builds: the small tiny model (its engine raising when `broken`)."""
     model, tokenizer = load_model(path), load_tokenizer(path)
     if broken:
-        def generate(**kwargs):
+        def forward(*args, **kwargs):
             raise RuntimeError("engine broke")
-        model.generate = generate
+        model.forward = forward
     return model, tokenizer
 
 

@@ -100,9 +100,9 @@ def test_a_slow_tool_holds_the_batch_at_most_turn_wait_s(model, tokenizer):
 
 def test_requests_that_arrive_during_a_batch_share_the_next_one(model, tokenizer):
     class SlowSpy(SpyEngine):
-        def generate_batch(self, requests):
+        def generate_batch(self, requests, keys=None):
             time.sleep(0.2)
-            return super().generate_batch(requests)
+            return super().generate_batch(requests, keys)
 
     engine = SlowSpy(model, tokenizer)
     params = SamplingParams(max_new_tokens=2)
