@@ -1,6 +1,6 @@
 """Asynchronous vs synchronous rollouts: optimizer steps per hour, and held-out success after the same steps.
 
-The environment is `looprl/Calc-v0` behind tool latency (`SlowCalc`): every `step`
+The environment is `looprl/Calc-v0` behind tool latency (`bench/slow_calc.py`): every `step`
 sleeps `--latency` seconds, and one task in five (chosen by its seed) is `--slow`
 times slower, so episodes are uneven in length (the policy uses 1 to 3 turns) and in
 wall time. For each seed it runs the quickstart recipe (SFT warm-start, then LOOP)
@@ -9,53 +9,27 @@ RL steps each, one run at a time, one torch thread. It prints RL steps per hour 
 wall time only: the warm-start and evaluation are the same for all), held-out sampled
 success after the last step (evaluated without latency), and the ratios async / sync.
 
-    python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [key=value ...]
+    python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [--backend local|ray] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
-import threading
-import time
-import zlib
 from pathlib import Path
 
-import gymnasium
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+# Ray rollout actors import the environment's module themselves (`module:EnvId`).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
 
 from looprl.config import load_config  # noqa: E402
-from looprl.envs import make_env  # noqa: E402
 from looprl.train.trainer import train  # noqa: E402
 
-ENV_ID = "bench/SlowCalc-v0"
-
-
-class SlowCalc(gymnasium.Wrapper):
-    """Calc-v0 whose tool calls take `latency_s` (x `slow_factor` on one task in five) in rollouts."""
-
-    def __init__(self, latency_s: float = 0.02, slow_factor: float = 5.0, **calc_kwargs):
-        super().__init__(make_env("looprl/Calc-v0", **calc_kwargs))
-        self.latency_s, self.slow_factor, self.delay = latency_s, slow_factor, latency_s
-
-    def reset(self, *, seed=None, options=None):
-        slow = seed is not None and zlib.crc32(str(seed).encode()) % 5 == 0
-        self.delay = self.latency_s * (self.slow_factor if slow else 1.0)
-        return self.env.reset(seed=seed, options=options)
-
-    def step(self, action):
-        # The tool's latency, in rollouts: `run_episode` calls step on an env thread. The
-        # SFT warm-start's oracle episodes (main thread) play without it.
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(self.delay)
-        return self.env.step(action)
-
-
-gymnasium.register(id=ENV_ID, entry_point=SlowCalc)
+ENV_ID = "slow_calc:bench/SlowCalc-v0"
 
 
 def run_one(name: str, out: Path, args, overrides: list[str]) -> dict:
@@ -65,7 +39,7 @@ def run_one(name: str, out: Path, args, overrides: list[str]) -> dict:
         f"env.kwargs={calc[:-1]}, latency_s: {args.latency}, slow_factor: {args.slow}}}",
         "eval.env_kwargs={split: test, latency_s: 0.0}", "eval.greedy=false", "eval.before_rl=false",
         f"eval.episodes={args.eval_episodes}", f"train.steps={args.steps}", f"sft.steps={args.sft_steps}",
-        f"train.save_every={args.steps}", *overrides,
+        f"train.save_every={args.steps}", "rollout.prefix_cache=true", *overrides,
     ])
     results = train(cfg)
     rl = results["rl"]
@@ -82,12 +56,15 @@ def main() -> None:
     parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--latency", type=float, default=0.05, help="seconds per tool call")
     parser.add_argument("--slow", type=float, default=5.0, help="latency factor of the slow tasks")
+    parser.add_argument("--backend", choices=["local", "ray"], default="local",
+                        help="where the async runs' producers live (ray: in their own processes)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_async"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out)
     modes = {"sync": ["rollout.mode=sync"]} | {
-        f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}"] for s in args.staleness}
+        f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}", f"rollout.backend={args.backend}"]
+        for s in args.staleness}
     table: dict[str, list[dict]] = {m: [] for m in modes}
     for seed in args.seeds:
         for mode, extra in modes.items():
