@@ -29,6 +29,7 @@ attention on every layer (sliding windows, state-space layers) decode through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import threading
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
 from looprl.rollout.turns import EpisodeTurn, current_episode, turn_board
@@ -286,12 +287,13 @@ class HFEngine:
         input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
         greedy = params.temperature == 0
         sampling = {} if greedy else {"temperature": params.temperature, "top_k": 0, "top_p": 1.0}
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask,
-            do_sample=not greedy, max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            output_scores=True, return_dict_in_generate=True, **sampling,
-        )
+        with _neutral_generation_config(self.model):
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask,
+                do_sample=not greedy, max_new_tokens=params.max_new_tokens,
+                eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                output_scores=True, return_dict_in_generate=True, **sampling,
+            )
         new_ids = out.sequences[:, input_ids.shape[1]:]  # (B, T)
         logprobs = torch.stack(
             [torch.log_softmax(s.float(), -1).gather(-1, new_ids[:, t, None])[:, 0]
@@ -425,6 +427,22 @@ def decodes_with_cache(model) -> bool:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     return set(layer_types) == {"full_attention"} and not sliding
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """`model.generate` layers the model's own generation config (a real model's
+    `repetition_penalty`, `top_k`, ...) under what it is asked for, and samples from
+    that processed distribution, which a fresh forward pass does not give. Swap in a
+    config with none of it for the call, so it samples from softmax(logits / T)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def _accepts(model, name: str) -> bool:

@@ -174,3 +174,21 @@ def test_a_roomy_layer_appends_in_place_and_grows_past_its_room():
         out_k, out_v = layer.update(k, v)
         assert torch.equal(out_k, torch.cat(keys, -2)) and torch.equal(out_v, torch.cat(values, -2))
     assert layer.get_seq_length() == 8
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_the_models_generation_config_does_not_bend_what_is_sampled(tiny_model_path, tokenizer, prefix_cache):
+    """A real model ships a generation config (Qwen2.5: repetition_penalty 1.05, top_k 20);
+    the engine must still sample from softmax(logits / T), the distribution it records and
+    the trainer recomputes, and must leave the model's config as it was (export writes it)."""
+    from looprl.train.models import load_model
+
+    model = load_model(tiny_model_path).eval()
+    model.generation_config.repetition_penalty, model.generation_config.top_k = 3.0, 20
+    engine = HFEngine(model, tokenizer, prefix_cache=prefix_cache)
+    prompt = tokenizer.encode("Compute 3 + 4 x x x", add_special_tokens=False)
+    torch.manual_seed(0)
+    (completion,) = engine.generate_batch([GenerationRequest(prompt, SamplingParams(8, 1.0))])
+    expected = fresh_logprobs(model, prompt, completion.token_ids, 1.0)
+    assert torch.tensor(completion.logprobs) == pytest.approx(expected, abs=2e-6)
+    assert model.generation_config.repetition_penalty == 3.0 and model.generation_config.top_k == 20
