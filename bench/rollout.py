@@ -7,9 +7,9 @@ turn runs to `--max-new-tokens`, so every episode does the same work):
 - a tool latency of `--latency-ms` per step (a wrapper env that sleeps): the steps run
   off the event loop, so concurrent episodes wait for their tools at the same time.
 
-It then times single `generate` calls of 1 and of `--concurrency` rows at a short and a
-long prompt: each turn re-reads the whole context (no KV cache is kept between turns),
-so on long contexts the batch pays mostly for that prefill.
+The concurrent episodes run twice: with the engine's prefix cache (each episode's keys
+and values kept between its turns, the default) and without it (each turn re-reads the
+episode's whole context, which on long contexts is most of what a batch pays for).
 
     python bench/rollout.py [--episodes 32] [--concurrency 32] [--latency-ms 50] [--threads 1]
 """
@@ -25,7 +25,7 @@ import torch
 
 from looprl.envs import make_env
 from looprl.rollout.agent import ObservationTemplater, run_episode
-from looprl.rollout.engine import GenerationRequest, HFEngine, SamplingParams
+from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.train.models import load_model, load_tokenizer, resolve_model_path
 
 ENV_ID = "looprl/Calc-v0"
@@ -67,17 +67,6 @@ def episodes_per_s(engine, tokenizer, params, *, episodes: int, concurrency: int
     return episodes / elapsed, {**engine.metrics(since), "turns": turns}
 
 
-def generate_ms(engine, params, context: int, rows: int, repeats: int = 3) -> float:
-    """Milliseconds of one `generate_batch` of `rows` requests with `context`-token prompts."""
-    prompt = [(7 * i) % 200 + 10 for i in range(context)]
-    requests = [GenerationRequest(prompt, params)] * rows
-    engine.generate_batch(requests)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        engine.generate_batch(requests)
-    return (time.perf_counter() - start) / repeats * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=32, help="episodes per measurement")
@@ -93,37 +82,34 @@ def main() -> None:
     spec = {} if args.tiny_hidden is None else {"hidden_size": args.tiny_hidden}
     path = resolve_model_path("looprl/tiny", spec)
     model, tokenizer = load_model(path).eval(), load_tokenizer(path)
-    engine = HFEngine(model, tokenizer, max_batch_size=max(args.concurrency, 1))
+    engines = {cache: HFEngine(model, tokenizer, max_batch_size=max(args.concurrency, 1), prefix_cache=cache)
+               for cache in (True, False)}
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    run = lambda concurrency, latency_s: episodes_per_s(  # noqa: E731
-        engine, tokenizer, params, episodes=args.episodes, concurrency=concurrency, latency_s=latency_s,
+    run = lambda concurrency, latency_s, cache=True: episodes_per_s(  # noqa: E731
+        engines[cache], tokenizer, params, episodes=args.episodes, concurrency=concurrency, latency_s=latency_s,
         max_tokens=args.max_tokens)
 
-    run(args.concurrency, 0.0)  # warm-up
+    run(args.concurrency, 0.0), run(args.concurrency, 0.0, cache=False)  # warm-up
     latency = args.latency_ms / 1000
     rows = []
     for label, latency_s in (("no tool latency", 0.0), (f"{args.latency_ms:g} ms tool latency", latency)):
-        baseline, base_metrics = run(1, latency_s)
+        baseline, _ = run(1, latency_s)
+        uncached, _ = run(args.concurrency, latency_s, cache=False)
         batched, metrics = run(args.concurrency, latency_s)
-        rows.append((label, baseline, batched, metrics))
+        rows.append((label, baseline, uncached, batched, metrics))
 
     print(f"{args.episodes} episodes of {ENV_ID}, tiny model, {args.max_new_tokens} tokens per turn, "
           f"{args.threads} torch thread(s)")
-    print(f"| setting | one at a time (episodes/s) | {args.concurrency} concurrent (episodes/s) | ratio "
-          "| batch occupancy | row occupancy | engine busy |")
-    print("|---|---|---|---|---|---|---|")
-    for label, baseline, batched, m in rows:
+    n = args.concurrency
+    print(f"| setting | one at a time (episodes/s) | {n} concurrent, no prefix cache | ratio | {n} concurrent "
+          "| ratio | prefix hit | batch occupancy | row occupancy | engine busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, baseline, uncached, batched, m in rows:
         wall = args.episodes / batched
-        print(f"| {label} | {baseline:.2f} | {batched:.2f} | {batched / baseline:.1f}x "
+        print(f"| {label} | {baseline:.2f} | {uncached:.2f} | {uncached / baseline:.1f}x | {batched:.2f} "
+              f"| {batched / baseline:.1f}x | {m['perf/engine_prefix_hit']:.0%} "
               f"| {m['perf/engine_batch_occupancy']:.2f} | {m['perf/engine_row_occupancy']:.2f} "
               f"| {m['perf/engine_busy_s'] / wall:.0%} |")
-
-    # Why batching gains less on long contexts: each turn prefills the whole context.
-    print(f"\n| prompt tokens | generate, 1 row (ms) | generate, {args.concurrency} rows (ms) | per-row gain |")
-    print("|---|---|---|---|")
-    for context in (50, 300):
-        one, many = generate_ms(engine, params, context, 1), generate_ms(engine, params, context, args.concurrency)
-        print(f"| {context} | {one:.0f} | {many:.0f} | {args.concurrency * one / many:.1f}x |")
 
 
 if __name__ == "__main__":
