@@ -387,7 +387,8 @@ class HFEngine:
             if key is None or key.ended:
                 continue
             real = mask[row].bool()
-            ids = list(requests[row].prompt_ids) + self._cut(new_ids[row].tolist(), [], count=False).token_ids[:-1]
+            sampled = new_ids[row].tolist()
+            ids = list(requests[row].prompt_ids) + sampled[: self._kept_length(sampled) - 1]
             layers = [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in cache.layers]
             if layers[0][0].shape[1] != len(ids):  # cannot happen: the mask marks exactly these tokens
                 raise RuntimeError(f"Prefix cache: {layers[0][0].shape[1]} cached positions for {len(ids)} tokens")
@@ -398,14 +399,15 @@ class HFEngine:
         for key in [k for k, p in self._prefixes.items() if k.ended or p.version != self.version]:
             del self._prefixes[key]
 
-    def _cut(self, ids: list[int], logprobs: list[float], count: bool = True) -> Completion:
-        # A batch pads a row after its stop token: keep up to and including the first one.
-        for i, token in enumerate(ids):
-            if token in self.stop_ids:
-                self.stats["sampled_tokens"] += (i + 1) * count
-                return Completion(ids[: i + 1], logprobs[: i + 1], True, self.version)
-        self.stats["sampled_tokens"] += len(ids) * count
-        return Completion(ids, logprobs, False, self.version)
+    def _kept_length(self, ids: list[int]) -> int:
+        """A batch pads a row after its stop token: its tokens up to and including the first one."""
+        return next((i + 1 for i, token in enumerate(ids) if token in self.stop_ids), len(ids))
+
+    def _cut(self, ids: list[int], logprobs: list[float]) -> Completion:
+        kept = self._kept_length(ids)
+        self.stats["sampled_tokens"] += kept
+        finished = kept > 0 and ids[kept - 1] in self.stop_ids
+        return Completion(ids[:kept], logprobs[:kept], finished, self.version)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
