@@ -6,8 +6,10 @@ times slower, so episodes are uneven in length (the policy uses 1 to 3 turns) an
 wall time. For each seed it runs the quickstart recipe (SFT warm-start, then LOOP)
 synchronously and with `rollout.mode=async` at each `--staleness`, the same number of
 RL steps each, one run at a time, one torch thread. It prints RL steps per hour (RL
-wall time only: the warm-start and evaluation are the same for all), held-out sampled
-success after the last step (evaluated without latency), and the ratios async / sync.
+wall time only: the warm-start and evaluation are the same for all), the same from the
+mean step time after the first step (without the one-off start of Ray and its actors),
+held-out sampled success after the last step (evaluated without latency), and the
+ratios async / sync.
 
     python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [--backend local|ray] [key=value ...]
 """
@@ -44,7 +46,16 @@ def run_one(name: str, out: Path, args, overrides: list[str]) -> dict:
     results = train(cfg)
     rl = results["rl"]
     return {"steps_per_hour": rl["steps"] / rl["seconds"] * 3600, "rl_s": rl["seconds"],
+            "steady_steps_per_hour": steady_steps_per_hour(cfg.run_dir),
             "success": results["final"]["sampled"]["success_rate"]}
+
+
+def steady_steps_per_hour(run_dir: Path) -> float:
+    """Steps per hour from the mean step time (`perf/step_s`) after the first step, i.e.
+    without the one-off start (a Ray cluster and its actors, the first weight push)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["perf/step_s"] for r in rows if "perf/step_s" in r][1:]
+    return 3600 / statistics.mean(steps)
 
 
 def main() -> None:
@@ -59,6 +70,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["local", "ray"], default="local",
                         help="where the async runs' producers live (ray: in their own processes)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_async"))
+    parser.add_argument("--report", action="store_true",
+                        help="print the table again from the runs already in --out (their summary.json) without training")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out)
@@ -66,25 +79,34 @@ def main() -> None:
         f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}", f"rollout.backend={args.backend}"]
         for s in args.staleness}
     table: dict[str, list[dict]] = {m: [] for m in modes}
-    for seed in args.seeds:
+    if args.report:
+        table = json.loads((out / "summary.json").read_text())["runs"]
+        for mode, rows in table.items():
+            for seed, row in zip(args.seeds, rows):
+                row["steady_steps_per_hour"] = steady_steps_per_hour(out / f"{mode}_seed{seed}")
+    for seed in [] if args.report else args.seeds:
         for mode, extra in modes.items():
             row = run_one(f"{mode}_seed{seed}", out, args, [f"seed={seed}", *extra, *args.overrides])
             table[mode].append(row)
-            print(f"seed {seed} {mode:>9}: {row['steps_per_hour']:7.0f} steps/h  ({row['rl_s']:.1f} s RL)  "
+            print(f"seed {seed} {mode:>9}: {row['steps_per_hour']:7.0f} steps/h  ({row['rl_s']:.1f} s RL; "
+                  f"{row['steady_steps_per_hour']:.0f} steps/h after the first step)  "
                   f"held-out success {row['success']:.1%}", flush=True)
     print(f"\n{len(args.seeds)} seeds, {args.steps} RL steps, tool latency {args.latency} s (x{args.slow} on 1/5 "
           "of tasks); mean (min-max)")
     base = statistics.mean(r["steps_per_hour"] for r in table["sync"])
+    steady_base = statistics.mean(r["steady_steps_per_hour"] for r in table["sync"])
     summary = {}
     for mode, rows in table.items():
         rate = [r["steps_per_hour"] for r in rows]
+        steady = statistics.mean(r["steady_steps_per_hour"] for r in rows)
         success = [r["success"] for r in rows]
         summary[mode] = {"steps_per_hour": statistics.mean(rate), "ratio": statistics.mean(rate) / base,
+                         "steady_steps_per_hour": steady, "steady_ratio": steady / steady_base,
                          "success": statistics.mean(success), "success_min": min(success),
                          "success_max": max(success)}
         print(f"{mode:>9}: {statistics.mean(rate):7.0f} steps/h ({min(rate):.0f}-{max(rate):.0f})  "
-              f"x{statistics.mean(rate) / base:.2f} vs sync  held-out success {statistics.mean(success):.1%} "
-              f"({min(success):.1%}-{max(success):.1%})")
+              f"x{statistics.mean(rate) / base:.2f} vs sync; after the first step x{steady / steady_base:.2f}  "
+              f"held-out success {statistics.mean(success):.1%} ({min(success):.1%}-{max(success):.1%})")
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": table}, indent=2))
 
 
