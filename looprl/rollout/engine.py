@@ -1,9 +1,9 @@
 """Inference engines: `async generate(requests) -> completions` with token ids and logprobs.
 
 `HFEngine` runs a transformers model in-process. Episodes call `generate` concurrently
-from asyncio tasks; the engine gathers the pending requests into one left-padded
-`model.generate` call, so N concurrent episodes cost one forward per token instead of
-N. The logprob it records for a sampled token is under the exact distribution it
+from asyncio tasks; the engine gathers the pending requests into one batched decode
+(its own loop with the prefix cache below, else one left-padded `model.generate`), so
+N concurrent episodes cost one forward per token instead of N. The logprob it records for a sampled token is under the exact distribution it
 sampled from (temperature applied, no top-k/top-p truncation and none of the model's
 generation-config processors), which is what the PPO ratio needs.
 
