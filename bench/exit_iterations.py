@@ -74,7 +74,8 @@ def main() -> None:
             raise SystemExit(f"{run}: expected the step-0 and a later checkpoint, found {checkpoints}")
         cfg = config_of_checkpoint(checkpoints[-1])
         model, tokenizer = build_policy(cfg)
-        engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+        engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
+                          prefix_cache=cfg.rollout.prefix_cache)
         pairs = [("plain GRPO, same steps", checkpoints[-1])] if control else zip(
             ("warm-start (untrained)", "ExIt-trained"), (checkpoints[0], checkpoints[-1]))
         for label, path in pairs:

@@ -223,15 +223,9 @@ class RolloutProducer:
                                     return_exceptions=True)
 
     async def _play_episode(self, seed: int, seq: int) -> Trajectory | Episode:
-        env = self.make_env()
-        episode = await run_episode(env, self.engine, self.tokenizer, self.templater, self.params, seed=seed,
-                                    max_tokens=self.max_tokens, group_id=seq, context_window=self.context_window,
-                                    step_timeout_s=self.step_timeout)
-        try:
-            env.close()  # not after a lost episode: after an env_timeout an abandoned thread may still use it
-        except Exception as e:  # noqa: BLE001 (the episode is complete; a failing close must not lose it)
-            self._report("close_error", f"close raised {type(e).__name__}: {e}", seed, 0)
-        return episode
+        return await play_and_close(
+            self, seed, seq, on_close_error=lambda e: self._report(
+                "close_error", f"close raised {type(e).__name__}: {e}", seed, 0))
 
     def _report(self, reason: str, detail: str, seed: int, episodes: int) -> None:
         if episodes <= 0:
@@ -271,3 +265,23 @@ async def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
 def _env_fault(error: BaseException) -> bool:
     """An environment's fault loses its episode; anything else (the engine's) stops the producer."""
     return isinstance(error, EpisodeError) and error.reason != "engine_error"
+
+
+async def play_and_close(player, seed: int, seq: int,
+                         on_close_error: Callable[[Exception], None]) -> Trajectory | Episode:
+    """Play one episode of task `seed` in group `seq` on a fresh environment, then close it.
+
+    Args:
+        player: has `make_env`, `engine`, `tokenizer`, `templater`, `params`,
+            `max_tokens`, `context_window` and `step_timeout` (a local producer or a Ray actor).
+        on_close_error: told of an error from `close`, which must not lose a complete episode.
+    """
+    env = player.make_env()
+    episode = await run_episode(env, player.engine, player.tokenizer, player.templater, player.params, seed=seed,
+                                max_tokens=player.max_tokens, group_id=seq, context_window=player.context_window,
+                                step_timeout_s=player.step_timeout)
+    try:
+        env.close()  # not after a lost episode: after an env_timeout an abandoned thread may still use it
+    except Exception as e:  # noqa: BLE001 (the episode is complete; a failing close must not lose it)
+        on_close_error(e)
+    return episode

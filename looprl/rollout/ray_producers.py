@@ -40,10 +40,10 @@ from typing import Any, Callable
 
 import torch
 
-from looprl.rollout.agent import ObservationTemplater, run_episode
+from looprl.rollout.agent import ObservationTemplater
 from looprl.rollout.engine import STAT_KEYS, HFEngine, SamplingParams
 from looprl.rollout.envcalls import EpisodeError
-from looprl.rollout.producer import GroupLost, RolloutProducer
+from looprl.rollout.producer import GroupLost, RolloutProducer, play_and_close
 from looprl.rollout.weight_sync import SnapshotEngine
 
 try:
@@ -107,15 +107,8 @@ class RolloutActor:
         return out, dict(self.engine.stats)
 
     async def _episode(self, seed: int, seq: int):
-        env = self.make_env()
-        episode = await run_episode(env, self.engine, self.tokenizer, self.templater, self.params, seed=seed,
-                                    max_tokens=self.max_tokens, group_id=seq, context_window=self.context_window,
-                                    step_timeout_s=self.step_timeout)
-        try:
-            env.close()  # not after a lost episode: after an env_timeout an abandoned thread may still use it
-        except Exception as e:  # noqa: BLE001 (the episode is complete; a failing close must not lose it)
-            log.warning("closing an environment of task seed %d raised %s: %s", seed, type(e).__name__, e)
-        return episode
+        return await play_and_close(self, seed, seq, on_close_error=lambda e: log.warning(
+            "closing an environment of task seed %d raised %s: %s", seed, type(e).__name__, e))
 
     async def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load pushed weights between two generate calls; an older version than the one

@@ -27,14 +27,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from looprl.config import RunConfig, to_yaml
-from looprl.rollout.engine import HFEngine
+from looprl.config import RunConfig
 from looprl.train.checkpoint import CheckpointManager
 from looprl.train.dpo_online import METRIC_NAMES
 from looprl.train.metrics import MetricsLogger, init_wandb
-from looprl.train.policy import build_policy, trainable_state
+from looprl.train.policy import trainable_state
 from looprl.train.progress import RunProgress
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -111,20 +108,14 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from looprl.train.trainer import _evaluate_all, seed_everything
+    from looprl.train.trainer import _evaluate_all, start_run
 
     if resume:
         raise ValueError("--resume is not supported for offline DPO (algorithm.dataset): start the run again")
     pairs = load_pairs(cfg.algorithm.dataset)  # before anything is written
-    torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    model, tokenizer = build_policy(cfg)
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    model, tokenizer, run_dir, engine = start_run(cfg)
     logger = MetricsLogger(run_dir, wandb_run=init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project,
                                                          cfg.name, run_dir, cfg.model_dump(mode="json")))
-    engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
     results: dict[str, Any] = {}
 
     class LogToRun(TrainerCallback):

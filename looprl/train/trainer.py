@@ -48,15 +48,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         from looprl.train.dpo_offline import train_offline_dpo  # imports TRL: only for offline DPO
 
         return train_offline_dpo(cfg, resume)
-    torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    model, tokenizer = build_policy(cfg)
-    # Only a run that can start gets a folder (and a resumed one keeps its files).
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                      prefix_cache=cfg.rollout.prefix_cache)
+    model, tokenizer, run_dir, engine = start_run(cfg)
     algorithm = build_algorithm(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -219,6 +211,25 @@ def _micro_step(cfg: RunConfig, algorithm, model, tokenizer, rows: list[tuple[Tr
                                    **extra)
     (loss * weight).backward()
     return metrics
+
+
+def start_run(cfg: RunConfig):
+    """What every training run starts with: threads, seeds, the policy, the run folder
+    with its `config.yaml`, and the rollout engine over the policy as the config says.
+
+    Returns:
+        `(model, tokenizer, run_dir, engine)`.
+    """
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    model, tokenizer = build_policy(cfg)
+    # Only a run that can start gets a folder (and a resumed one keeps its files).
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
+                      prefix_cache=cfg.rollout.prefix_cache)
+    return model, tokenizer, run_dir, engine
 
 
 def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, state) -> None:
