@@ -20,6 +20,7 @@ closes the stream with it, so the trainer raises it instead of waiting forever.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ from looprl.rollout.engine import HFEngine, SamplingParams
 from looprl.rollout.envcalls import EpisodeError
 from looprl.rollout.stream import Group, GroupStream
 from looprl.types import Episode, Trajectory
+
+log = logging.getLogger("looprl.rollout")
 
 
 class GroupLost(Exception):
@@ -223,9 +226,7 @@ class RolloutProducer:
                                     return_exceptions=True)
 
     async def _play_episode(self, seed: int, seq: int) -> Trajectory | Episode:
-        return await play_and_close(
-            self, seed, seq, on_close_error=lambda e: self._report(
-                "close_error", f"close raised {type(e).__name__}: {e}", seed, 0))
+        return await play_and_close(self, seed, seq)
 
     def _report(self, reason: str, detail: str, seed: int, episodes: int) -> None:
         if episodes <= 0:
@@ -267,14 +268,13 @@ def _env_fault(error: BaseException) -> bool:
     return isinstance(error, EpisodeError) and error.reason != "engine_error"
 
 
-async def play_and_close(player, seed: int, seq: int,
-                         on_close_error: Callable[[Exception], None]) -> Trajectory | Episode:
-    """Play one episode of task `seed` in group `seq` on a fresh environment, then close it.
+async def play_and_close(player, seed: int, seq: int) -> Trajectory | Episode:
+    """Play one episode of task `seed` in group `seq` on a fresh environment, then close it
+    (an error from `close` is logged: it must not lose a complete episode).
 
     Args:
         player: has `make_env`, `engine`, `tokenizer`, `templater`, `params`,
             `max_tokens`, `context_window` and `step_timeout` (a local producer or a Ray actor).
-        on_close_error: told of an error from `close`, which must not lose a complete episode.
     """
     env = player.make_env()
     episode = await run_episode(env, player.engine, player.tokenizer, player.templater, player.params, seed=seed,
@@ -283,5 +283,5 @@ async def play_and_close(player, seed: int, seq: int,
     try:
         env.close()  # not after a lost episode: after an env_timeout an abandoned thread may still use it
     except Exception as e:  # noqa: BLE001 (the episode is complete; a failing close must not lose it)
-        on_close_error(e)
+        log.warning("closing an environment of task seed %d raised %s: %s", seed, type(e).__name__, e)
     return episode

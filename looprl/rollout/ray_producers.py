@@ -107,8 +107,7 @@ class RolloutActor:
         return out, dict(self.engine.stats)
 
     async def _episode(self, seed: int, seq: int):
-        return await play_and_close(self, seed, seq, on_close_error=lambda e: log.warning(
-            "closing an environment of task seed %d raised %s: %s", seed, type(e).__name__, e))
+        return await play_and_close(self, seed, seq)
 
     async def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load pushed weights between two generate calls; an older version than the one

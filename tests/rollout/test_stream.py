@@ -169,6 +169,20 @@ def test_env_faults_drop_their_episodes_with_a_reason_and_the_run_goes_on(tokeni
     assert any("RuntimeError: tool crashed" in detail for _, detail, _ in drops)
 
 
+class CloseFails(EchoEnv):
+    def close(self):
+        raise OSError("disk gone")
+
+
+def test_a_failing_close_keeps_the_complete_episode_and_is_logged(tokenizer, caplog):
+    engine = FakeEngine(tokenizer)
+    producer, stream = make_producer(tokenizer, engine, lambda: CloseFails(turns=1), groups=2, k=2, staleness=0)
+    with caplog.at_level("WARNING", logger="looprl.rollout"):
+        _, seeds = train_steps(producer, stream, engine, steps=2, groups=2)
+    assert seeds == [0, 1, 2, 3] and not stream.dropped
+    assert "closing an environment of task seed 0 raised OSError: disk gone" in caplog.text
+
+
 def test_an_engine_failure_closes_the_stream_with_its_error(tokenizer):
     engine = FakeEngine(tokenizer, fail=True)
     producer, stream = make_producer(tokenizer, engine, lambda: EchoEnv())
