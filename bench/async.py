@@ -11,7 +11,13 @@ mean step time after the first step (without the one-off start of Ray and its ac
 held-out sampled success after the last step (evaluated without latency), and the
 ratios async / sync.
 
-    python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [--backend local|ray] [key=value ...]
+With `--correction decoupled` (or `recompute`) the async runs train with
+`rollout.decoupled_loss=true` (or `rollout.recompute_logprobs=true`). Each async mode's line
+ends with its mean paired difference in success from sync and the binomial standard error
+of that mean (from the 300-episode estimates), so "equal within noise" can be read off.
+
+    python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [--backend local|ray]
+                          [--correction none|recompute|decoupled] [key=value ...]
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from looprl.config import load_config  # noqa: E402
 from looprl.train.trainer import train  # noqa: E402
 
 ENV_ID = "slow_calc:bench/SlowCalc-v0"
+CORRECTIONS = {"none": [], "recompute": ["rollout.recompute_logprobs=true"],
+               "decoupled": ["rollout.decoupled_loss=true"]}
 
 
 def run_one(name: str, out: Path, args, overrides: list[str]) -> dict:
@@ -58,6 +66,19 @@ def steady_steps_per_hour(run_dir: Path) -> float:
     return 3600 / statistics.mean(steps)
 
 
+def paired_difference(success: list[float], baseline: list[float], episodes: int) -> tuple[float, float]:
+    """Mean per-seed difference `success - baseline`, and its binomial standard error: each
+    rate is a mean of `episodes` Bernoulli trials, so a seed's difference has variance
+    p(1-p)/n + q(1-q)/n, and the mean of the seeds' differences that sum over seeds squared.
+
+    >>> paired_difference([0.5, 0.7], [0.6, 0.6], 100)
+    (0.0, 0.048...)
+    """
+    diffs = [a - b for a, b in zip(success, baseline)]
+    variance = sum(p * (1 - p) / episodes + q * (1 - q) / episodes for p, q in zip(success, baseline))
+    return statistics.mean(diffs), variance ** 0.5 / len(diffs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -69,6 +90,8 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=5.0, help="latency factor of the slow tasks")
     parser.add_argument("--backend", choices=["local", "ray"], default="local",
                         help="where the async runs' producers live (ray: in their own processes)")
+    parser.add_argument("--correction", choices=list(CORRECTIONS), default="none",
+                        help="off-policy correction of the async runs (decoupled: rollout.decoupled_loss=true)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_async"))
     parser.add_argument("--report", action="store_true",
                         help="print the table again from the runs already in --out (their summary.json) without training")
@@ -76,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     modes = {"sync": ["rollout.mode=sync"]} | {
-        f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}", f"rollout.backend={args.backend}"]
+        f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}", f"rollout.backend={args.backend}",
+                        *CORRECTIONS[args.correction]]
         for s in args.staleness}
     table: dict[str, list[dict]] = {m: [] for m in modes}
     if args.report:
@@ -104,9 +128,12 @@ def main() -> None:
                          "steady_steps_per_hour": steady, "steady_ratio": steady / steady_base,
                          "success": statistics.mean(success), "success_min": min(success),
                          "success_max": max(success)}
+        diff, stderr = paired_difference(success, [r["success"] for r in table["sync"]], args.eval_episodes)
+        summary[mode] |= {"success_diff": diff, "success_diff_stderr": stderr}
         print(f"{mode:>9}: {statistics.mean(rate):7.0f} steps/h ({min(rate):.0f}-{max(rate):.0f})  "
               f"x{statistics.mean(rate) / base:.2f} vs sync; after the first step x{steady / steady_base:.2f}  "
-              f"held-out success {statistics.mean(success):.1%} ({min(success):.1%}-{max(success):.1%})")
+              f"held-out success {statistics.mean(success):.1%} ({min(success):.1%}-{max(success):.1%})"
+              + ("" if mode == "sync" else f"; vs sync {diff * 100:+.1f} points (s.e. {stderr * 100:.1f})"))
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": table}, indent=2))
 
 

@@ -78,6 +78,12 @@ class RolloutConfig(Section):
         1, ge=0, description="async: never train on data from a policy more than this many versions old (0: sync)")
     recompute_logprobs: bool = Field(
         False, description="async: PPO ratio against logprobs recomputed under the current policy, not the behaviour's")
+    decoupled_loss: bool = Field(
+        False, description="async: decoupled PPO: clip the ratio around logprobs recomputed under the current policy "
+                           "and weight each token by pi_current / pi_behaviour (AReaL's use_decoupled_loss)")
+    behaviour_weight_cap: float | None = Field(
+        5.0, gt=1, description="decoupled_loss: tokens whose pi_current / pi_behaviour exceeds this get no gradient "
+                               "(None: no cap)")
     sync_every: int = Field(1, gt=0, description="async: push the trained weights to the engine every N steps")
     env_step_timeout: float | None = Field(
         60.0, gt=0, description="async: an env reset/step taking longer drops its episode (None: no limit)")
@@ -262,6 +268,13 @@ class RunConfig(Section):
         r = self.rollout
         if r.backend == "ray" and r.mode != "async":
             raise ValueError("rollout.backend=ray runs asynchronous producers: set rollout.mode=async")
+        if r.decoupled_loss and r.recompute_logprobs:
+            raise ValueError("rollout.decoupled_loss=true already recomputes logprobs under the current policy and "
+                             "keeps the behaviour's for its weights: set rollout.recompute_logprobs=false")
+        if (r.decoupled_loss or r.recompute_logprobs) and r.mode != "async":
+            flag = "decoupled_loss" if r.decoupled_loss else "recompute_logprobs"
+            raise ValueError(f"rollout.{flag}=true corrects for stale asynchronous rollouts; synchronous rollouts "
+                             "come from the current policy: set rollout.mode=async or leave it false")
         if r.mode == "async" and r.sync_every - 1 > r.max_staleness:
             raise ValueError(f"rollout.sync_every={r.sync_every} leaves the engine up to {r.sync_every - 1} versions "
                              f"behind, more than rollout.max_staleness={r.max_staleness}: every batch would be "

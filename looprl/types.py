@@ -27,6 +27,9 @@ class Trajectory:
         terminated: the environment ended the episode (Gymnasium's meaning).
         truncated: the episode was cut (turn or token limit).
         info: environment facts for metrics (e.g. `success`).
+        proximal_logprobs: set by the trainer for decoupled PPO: each sampled token's
+            logprob under the weights the update starts from (0.0 where `loss_mask` is 0);
+            None otherwise.
     """
 
     input_ids: list[int]
@@ -40,6 +43,7 @@ class Trajectory:
     terminated: bool = False
     truncated: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    proximal_logprobs: list[float] | None = None
 
     @property
     def reward(self) -> float:
@@ -67,6 +71,9 @@ class Trajectory:
                 f"loss_mask={len(self.loss_mask)}, "
                 f"behaviour_logprobs={len(self.behaviour_logprobs)}"
             )
+        if self.proximal_logprobs is not None and len(self.proximal_logprobs) != n:
+            raise ValueError(f"Trajectory fields must have equal lengths, got input_ids={n}, "
+                             f"proximal_logprobs={len(self.proximal_logprobs)}")
 
 
 @dataclass

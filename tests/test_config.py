@@ -131,3 +131,17 @@ def test_to_yaml_round_trip(tmp_path):
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
     assert load_config(path) != load_config(QUICKSTART)  # the comparison sees the overrides
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["rollout.mode=async", "rollout.decoupled_loss=true", "rollout.recompute_logprobs=true"],
+     "set rollout.recompute_logprobs=false"),
+    (["rollout.decoupled_loss=true"], "rollout.decoupled_loss=true corrects for stale asynchronous rollouts"),
+    (["rollout.recompute_logprobs=true"], "rollout.recompute_logprobs=true corrects for stale asynchronous rollouts"),
+    (["rollout.mode=async", "rollout.decoupled_loss=true", "rollout.behaviour_weight_cap=0.5"],
+     "rollout.behaviour_weight_cap: Input should be greater than 1"),
+])
+def test_off_policy_corrections_are_checked_when_the_config_is_read(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(QUICKSTART, overrides)
+    load_config(QUICKSTART, ["rollout.mode=async", "rollout.decoupled_loss=true"])

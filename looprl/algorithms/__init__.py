@@ -2,7 +2,7 @@
 
 `build_algorithm(cfg.algorithm)` gives the object the trainer uses: it exposes
 `advantages(rewards) -> (advantages, keep)`, `loss(logprobs, old_logprobs, advantages,
-mask, turns[, ref_logprobs]) -> (loss, metrics)`, `needs_reference`, and `aggregates_over` ("sequences" or "tokens": how
+mask, turns[, ref_logprobs][, weights]) -> (loss, metrics)`, `needs_reference`, and `aggregates_over` ("sequences" or "tokens": how
 micro-batch losses combine into a minibatch loss).
 """
 

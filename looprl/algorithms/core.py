@@ -78,6 +78,7 @@ def clipped_policy_loss(
     clip_low: float,
     clip_high: float,
     segments: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al., 2017, eq. 7) with a per-token ratio.
 
@@ -94,6 +95,8 @@ def clipped_policy_loss(
         clip_low: lower clip range.
         clip_high: upper clip range.
         segments: optional (B, T) segment index per token.
+        weights: optional detached (B, T) factor on each token's clipped term, e.g.
+            `behaviour_weights` when `old_logprobs` are the proximal policy's.
 
     Returns:
         The scalar loss and detached metrics `pg_loss`, `clipfrac`, `approx_kl`, `ratio_mean`.
@@ -105,7 +108,10 @@ def clipped_policy_loss(
     adv = advantages[:, None]  # (B, 1)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg_loss = sequence_token_mean(torch.max(pg_loss1, pg_loss2), mask)
+    per_token = torch.max(pg_loss1, pg_loss2)
+    if weights is not None:
+        per_token = per_token * weights
+    pg_loss = sequence_token_mean(per_token, mask)
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
         metrics = {
@@ -116,3 +122,22 @@ def clipped_policy_loss(
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
     return pg_loss, metrics
+
+
+def behaviour_weights(
+    proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    """Per-token importance weights pi_prox / pi_behav of decoupled PPO (Hilton et al., 2022,
+    "Batch size-invariance for policy optimization"; AReaL, Fu et al., 2025): (B, T) -> (B, T), detached.
+
+    With stale rollouts the clipped ratio is taken against the proximal policy (the
+    weights the update starts from), so the trust region is around the current policy,
+    and this weight corrects for the samples having come from the older behaviour
+    policy. Tokens whose weight exceeds `cap` get weight 0 (they still count in the
+    loss's denominator), as AReaL's `behav_imp_weight_cap` does; None keeps every token.
+    """
+    with torch.no_grad():
+        weights = torch.exp(proximal_logprobs - behaviour_logprobs) * mask.to(proximal_logprobs.dtype)
+        if cap is not None:
+            weights = torch.where(weights <= cap, weights, torch.zeros_like(weights))
+    return weights

@@ -82,6 +82,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_importance_weight: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO objective (eq. 3), negated, on a minibatch.
 
@@ -101,6 +102,8 @@ def grpo_loss(
         kl_importance_weight: multiply each token's KL term by its ratio pi / pi_old, so
             that off-policy samples give an unbiased KL gradient (DeepSeek-AI, 2025,
             "DeepSeek-V3.2", arXiv:2512.02556; TRL's `use_bias_correction_kl`, on by default).
+        weights: optional detached (B, T) factor on each token's clipped term (not the KL
+            term), e.g. `looprl.algorithms.core.behaviour_weights` for decoupled PPO.
 
     Returns:
         The scalar loss and detached metrics `loss`, `pg_loss`, `clipfrac`, `approx_kl`,
@@ -115,6 +118,8 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None]  # (B, 1)
     pg_losses = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))  # (B, T)
+    if weights is not None:
+        pg_losses = pg_losses * weights
     per_token_loss = pg_losses
     kl = None if ref_logprobs is None else kl_k3(logprobs, ref_logprobs)  # (B, T)
     if kl_coef != 0.0:
@@ -156,9 +161,9 @@ class GRPO:
             keep &= ~zero_variance_groups(rewards)[:, None]
         return advantages, keep
 
-    def loss(self, logprobs, old_logprobs, advantages, mask, turns, ref_logprobs=None):
+    def loss(self, logprobs, old_logprobs, advantages, mask, turns, ref_logprobs=None, weights=None):
         return grpo_loss(
             logprobs, old_logprobs, advantages, mask, self.cfg.clip_low, self.cfg.clip_high,
             loss_agg=self.cfg.loss_agg, max_len=self.max_len,
-            ref_logprobs=ref_logprobs, kl_coef=self.cfg.kl_coef,
+            ref_logprobs=ref_logprobs, kl_coef=self.cfg.kl_coef, weights=weights,
         )

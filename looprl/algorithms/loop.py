@@ -59,10 +59,12 @@ def loop_loss(
     mask: torch.Tensor,
     eps: float = 0.1,
     segments: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The LOOP policy loss on a minibatch: (B, T) logprobs, (B,) advantages."""
+    """The LOOP policy loss on a minibatch: (B, T) logprobs, (B,) advantages, optional
+    (B, T) per-token `weights` (see `clipped_policy_loss`)."""
     clip_low, clip_high = clip_range(eps)
-    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments)
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments, weights)
 
 
 class LOOP:
@@ -84,7 +86,8 @@ class LOOP:
         advantages = leave_one_out_advantages(rewards, self.cfg.normalize_std)
         return advantages, keep_mask(advantages, self.cfg.adv_threshold)
 
-    def loss(self, logprobs, old_logprobs, advantages, mask, turns) -> tuple[torch.Tensor, dict[str, float]]:
-        """The clipped loss on (B, T) tensors; `turns` is the (B, T) turn index of each token."""
+    def loss(self, logprobs, old_logprobs, advantages, mask, turns, weights=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped loss on (B, T) tensors; `turns` is the (B, T) turn index of each token,
+        `weights` an optional (B, T) factor on each token's term."""
         segments = {"token": None, "turn": turns, "trajectory": torch.zeros_like(turns)}[self.cfg.ratio_level]
-        return loop_loss(logprobs, old_logprobs, advantages, mask, self.cfg.clip_eps, segments)
+        return loop_loss(logprobs, old_logprobs, advantages, mask, self.cfg.clip_eps, segments, weights)

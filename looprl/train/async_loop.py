@@ -10,7 +10,9 @@ into a bounded `GroupStream`. Each step then:
      versions old (older ones are dropped and counted: `rollout/dropped/stale`);
   3. computes the algorithm's advantages and runs `_update` exactly as `rl_step` does,
      the PPO ratio against the behaviour logprobs recorded at generation (or, with
-     `recompute_logprobs`, against logprobs recomputed under the current weights);
+     `recompute_logprobs`, against logprobs recomputed under the current weights; or,
+     with `decoupled_loss`, clipped around the recomputed ones and weighted by
+     pi_current / pi_behaviour);
   4. pushes the trained tensors into the engine's copy every `sync_every` steps (only
      the adapter with LoRA); episodes in flight continue on the new weights (partial
      rollouts, see `looprl/rollout/weight_sync.py`).
@@ -107,9 +109,10 @@ class AsyncRollouts:
         rewards = torch.tensor([[e.reward for e in g] for g in episodes])  # (G, K)
         advantages, keep = algorithm.advantages(rewards)  # (G, K), (G, K)
         kept = chunk_rows(episodes, advantages, keep)
-        if cfg.rollout.recompute_logprobs:
-            kept = recompute_behaviour_logprobs(model, tokenizer.pad_token_id, kept, cfg.rollout.temperature,
-                                                cfg.algorithm.micro_batch_tokens)
+        if cfg.rollout.recompute_logprobs or cfg.rollout.decoupled_loss:
+            kept = recompute_logprobs(model, tokenizer.pad_token_id, kept, cfg.rollout.temperature,
+                                      cfg.algorithm.micro_batch_tokens,
+                                      field="proximal_logprobs" if cfg.rollout.decoupled_loss else "behaviour_logprobs")
         train_metrics = _update(cfg, algorithm, model, tokenizer, optimizer, kept)
         engine.update_weights()  # the trainer's version: the shared-model engine only counts
         self.steps_done += 1
@@ -227,13 +230,14 @@ def running(step_fn, stop, progress):
 
 
 @torch.no_grad()
-def recompute_behaviour_logprobs(model, pad_id: int, rows: list[tuple[Trajectory, float]], temperature: float,
-                                 max_tokens: int) -> list[tuple[Trajectory, float]]:
-    """The rows with `behaviour_logprobs` recomputed under `model` (the current weights).
+def recompute_logprobs(model, pad_id: int, rows: list[tuple[Trajectory, float]], temperature: float,
+                       max_tokens: int, field: str = "behaviour_logprobs") -> list[tuple[Trajectory, float]]:
+    """The rows with the sampled tokens' logprobs under `model` (the current weights) in `field`.
 
-    The PPO ratio then measures only how far this step's updates moved the policy,
-    not how stale the rollouts were (the staleness still bounds how off-policy the
-    samples themselves are).
+    - `"behaviour_logprobs"` replaces the recorded ones: the PPO ratio then measures only
+      how far this step's updates moved the policy, not how stale the rollouts were
+      (the staleness still bounds how off-policy the samples themselves are).
+    - `"proximal_logprobs"` keeps the recorded ones beside them, for decoupled PPO.
     """
     out: list[tuple[Trajectory, float] | None] = [None] * len(rows)
     for group in micro_batches([len(t.input_ids) for t, _ in rows], max_tokens):
@@ -244,6 +248,6 @@ def recompute_behaviour_logprobs(model, pad_id: int, rows: list[tuple[Trajectory
             n = len(traj.input_ids)
             values = [0.0] + logprobs[row, : n - 1].tolist()
             fresh = [v if m else 0.0 for v, m in zip(values, traj.loss_mask)]
-            out[i] = (dataclasses.replace(traj, behaviour_logprobs=fresh), advantage)
+            out[i] = (dataclasses.replace(traj, **{field: fresh}), advantage)
     return out  # type: ignore[return-value]
 

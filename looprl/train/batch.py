@@ -23,6 +23,8 @@ class Batch:
         old_logprobs: (B, L-1) behaviour logprobs of the targets.
         advantages: (B,)
         segments: (B, L-1) turn index of each target token (for per-turn ratios).
+        proximal_logprobs: (B, L-1) proximal-policy logprobs of the targets (decoupled
+            PPO), or None when the trajectories carry none.
     """
 
     input_ids: torch.Tensor
@@ -31,6 +33,7 @@ class Batch:
     old_logprobs: torch.Tensor
     advantages: torch.Tensor
     segments: torch.Tensor
+    proximal_logprobs: torch.Tensor | None = None
 
 
 def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequence[float] | None = None) -> Batch:
@@ -40,16 +43,24 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequenc
     loss_mask = torch.zeros((batch, length), dtype=torch.float32)
     logprobs = torch.zeros((batch, length), dtype=torch.float32)
     segments = torch.zeros((batch, length), dtype=torch.long)
+    with_proximal = [t.proximal_logprobs is not None for t in trajectories]
+    if any(with_proximal) and not all(with_proximal):
+        raise ValueError("Expected proximal_logprobs on every trajectory of a batch or on none, "
+                         f"actually on {sum(with_proximal)} of {batch}")
+    proximal = torch.zeros((batch, length), dtype=torch.float32) if all(with_proximal) else None
     for row, traj in enumerate(trajectories):
         n = len(traj.input_ids)
         input_ids[row, :n] = torch.tensor(traj.input_ids)
         attention_mask[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(traj.loss_mask, dtype=torch.float32)
         logprobs[row, :n] = torch.tensor(traj.behaviour_logprobs)
+        if proximal is not None:
+            proximal[row, :n] = torch.tensor(traj.proximal_logprobs)
         for turn, (start, end) in enumerate(traj.turn_spans):
             segments[row, start:end] = turn
     adv = torch.tensor(list(advantages) if advantages is not None else [0.0] * batch, dtype=torch.float32)
-    return Batch(input_ids, attention_mask, loss_mask[:, 1:], logprobs[:, 1:], adv, segments[:, 1:])
+    return Batch(input_ids, attention_mask, loss_mask[:, 1:], logprobs[:, 1:], adv, segments[:, 1:],
+                 None if proximal is None else proximal[:, 1:])
 
 
 def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:

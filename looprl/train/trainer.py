@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from looprl.algorithms import build_algorithm
+from looprl.algorithms.core import behaviour_weights, masked_mean
 from looprl.config import DPOConfig, RunConfig, from_dict, to_yaml
 from looprl.envs import make_env
 from looprl.rollout.collect import collect_step_groups
@@ -204,13 +205,31 @@ def _micro_step(cfg: RunConfig, algorithm, model, tokenizer, rows: list[tuple[Tr
     """Forward and backward one micro-batch; returns its loss metrics."""
     batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
     logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
-    extra = {}
+    extra, old_logprobs, decoupled = {}, batch.old_logprobs, {}
     if algorithm.needs_reference:
         extra["ref_logprobs"] = reference_logprobs(model, batch, cfg.rollout.temperature)
-    loss, metrics = algorithm.loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, batch.segments,
+    if batch.proximal_logprobs is not None:
+        # Decoupled PPO: clip around the proximal policy, weight by pi_prox / pi_behaviour.
+        old_logprobs = batch.proximal_logprobs
+        extra["weights"] = behaviour_weights(batch.proximal_logprobs, batch.old_logprobs, batch.loss_mask,
+                                             cfg.rollout.behaviour_weight_cap)
+        decoupled = _behaviour_weight_metrics(extra["weights"], batch)
+    loss, metrics = algorithm.loss(logprobs, old_logprobs, batch.advantages, batch.loss_mask, batch.segments,
                                    **extra)
     (loss * weight).backward()
-    return metrics
+    return {**metrics, **decoupled}
+
+
+def _behaviour_weight_metrics(weights: torch.Tensor, batch) -> dict[str, float]:
+    """How far the proximal policy is from the behaviour one, on the sampled tokens."""
+    mask = batch.loss_mask
+    log_ratio = batch.proximal_logprobs - batch.old_logprobs
+    return {
+        "behaviour_weight_mean": masked_mean(weights, mask).item(),
+        "behaviour_capped_frac": masked_mean(((weights == 0) & (mask > 0)).to(mask.dtype), mask).item(),
+        # k3 estimate of KL(behaviour || proximal): how stale the rollouts were.
+        "behaviour_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
+    }
 
 
 def start_run(cfg: RunConfig):

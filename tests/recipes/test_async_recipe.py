@@ -116,3 +116,20 @@ def test_sigterm_with_a_full_stream_saves_a_checkpoint_and_exits(tmp_path, monke
     assert time.perf_counter() - start < 60
     assert not seen["rollouts"].producer.alive
     assert final_state(cfg.run_dir)[0] == 1
+
+
+@pytest.mark.parametrize("correction", ["decoupled_loss", "recompute_logprobs"])
+def test_stale_rollouts_train_with_each_off_policy_correction(tmp_path, correction):
+    cfg = async_recipe(tmp_path, 1, train={"steps": 4}, rollout={correction: True})
+    train(cfg)
+    records = [r for r in rl_records(cfg.run_dir) if r["train/optimizer_steps"] > 0]
+    stale = [r for r in records if r["rollout/staleness_max"] > 0]
+    assert stale, "no update on a stale batch: the correction would not be exercised"
+    if correction == "decoupled_loss":
+        # The proximal logprobs are the current weights', the behaviour's an older policy's.
+        assert all(r["train/behaviour_kl"] > 0 for r in stale)
+        assert all(0 < r["train/behaviour_weight_mean"] < 5 for r in records)
+    else:
+        assert not any("train/behaviour_kl" in r for r in records)
+    _, state = final_state(cfg.run_dir)
+    assert all(torch.isfinite(v).all() for v in state.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -68,3 +69,17 @@ def test_collate_aligns_targets_and_turns():
     torch.testing.assert_close(batch.old_logprobs, torch.tensor([[0.0, -0.1, -0.2, 0.0], [-0.3, 0, 0, 0]]))
     assert batch.segments[0].tolist() == [0, 0, 0, 0]
     assert batch.advantages.tolist() == [1.0, -1.0]
+
+
+def test_collate_carries_proximal_logprobs_aligned_with_the_targets_or_none():
+    plain = Trajectory(input_ids=[1, 2, 3], loss_mask=[0, 1, 1], behaviour_logprobs=[0.0, -0.5, -0.25])
+    assert collate([plain], pad_id=0).proximal_logprobs is None
+    with_prox = dataclasses.replace(plain, proximal_logprobs=[0.0, -0.4, -0.2])
+    short = dataclasses.replace(plain, input_ids=[1, 2], loss_mask=[0, 1], behaviour_logprobs=[0.0, -1.0],
+                                proximal_logprobs=[0.0, -0.9])
+    batch = collate([with_prox, short], pad_id=0)
+    torch.testing.assert_close(batch.proximal_logprobs, torch.tensor([[-0.4, -0.2], [-0.9, 0.0]]))
+    with pytest.raises(ValueError, match="proximal_logprobs on every trajectory of a batch or on none"):
+        collate([with_prox, plain], pad_id=0)
+    with pytest.raises(ValueError, match="proximal_logprobs=2"):
+        dataclasses.replace(plain, proximal_logprobs=[0.0, -1.0])
