@@ -82,6 +82,7 @@ class RolloutProducer:
         self._seeds: deque[int] = deque()
         self._lock = threading.Lock()
         self._steps_done = 0
+        self._min_version = -1  # the weights version newly started groups must be played on
         self._issued = 0  # groups started and not dropped
         self._seq = 0
         self._in_flight = 0
@@ -99,11 +100,15 @@ class RolloutProducer:
         self._thread.start()
         self._started.wait()
 
-    def release(self, steps_done: int) -> None:
-        """The trainer has finished `steps_done` steps (and pushed their weights):
-        producers may start groups up to `max_staleness` batches beyond them."""
+    def release(self, steps_done: int, min_version: int | None = None) -> None:
+        """The trainer has finished `steps_done` steps: producers may start groups up to
+        `max_staleness` batches beyond them. `min_version`: the weights version those
+        groups must start on, for an engine that loads pushed weights in the background
+        (Ray actors); the local engine has them already when the push returns."""
         with self._lock:
             self._steps_done = steps_done
+            if min_version is not None:
+                self._min_version = min_version
         self._poke()
 
     def free(self, group: Group, reason: str) -> None:
@@ -179,7 +184,8 @@ class RolloutProducer:
                     return
                 self._issued += 1
                 seq, self._seq = self._seq, self._seq + 1
-            task = asyncio.get_running_loop().create_task(self._play_group(seq, self._next_seed()))
+                min_version = self._min_version
+            task = asyncio.get_running_loop().create_task(self._play_group(seq, self._next_seed(), min_version))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -189,10 +195,10 @@ class RolloutProducer:
             self._seeds.extend(self._next_seeds(self.groups_per_batch))
         return self._seeds.popleft()
 
-    async def _play_group(self, seq: int, seed: int) -> None:
+    async def _play_group(self, seq: int, seed: int, min_version: int = -1) -> None:
         self._in_flight += 1
         try:
-            results = await self._play_episodes(seq, seed)
+            results = await self._play_episodes(seq, seed, min_version)
         except GroupLost as lost:  # e.g. the remote producer playing it died
             self._report(lost.reason, lost.detail, seed, self.group_size)
             self._free_slot()
@@ -219,7 +225,8 @@ class RolloutProducer:
         if not await self.stream.put(group):
             return  # closed: the run is stopping
 
-    async def _play_episodes(self, seq: int, seed: int) -> list[Trajectory | Episode | BaseException]:
+    async def _play_episodes(self, seq: int, seed: int,
+                             min_version: int = -1) -> list[Trajectory | Episode | BaseException]:
         """The group's K episodes, each an episode or the error that lost it (a remote
         backend overrides this to play them elsewhere)."""
         return await asyncio.gather(*(self._play_episode(seed, seq) for _ in range(self.group_size)),

@@ -10,7 +10,12 @@ actor and awaits the finished episodes, which come back pickled (plain dataclass
 Weight sync: `RayActorPool.push` puts the trained tensors (the adapter alone with LoRA)
 into the object store once (`ray.put`) and every actor loads that one object between
 two generate calls, tagging later completions with the new version exactly as the
-local `SnapshotEngine` does. It returns once every live actor has loaded it.
+local `SnapshotEngine` does. With `wait=True` it returns once every live actor has
+loaded it; with `wait=False` (what the trainer does when `max_staleness` > 0) it returns
+at once, so the trainer does not wait for the actors' current generate calls, and the
+next push first collects the acknowledgements. Either way no group starts on weights
+older than the trainer had pushed when it allowed that group: each group carries that
+version (`min_version`) and its actor waits for it before playing.
 
 Faults: an actor that dies loses the groups it had in flight (counted as
 `producer_died`, replaced by new groups); Ray restarts it up to `max_restarts` times and
@@ -89,11 +94,20 @@ class RolloutActor:
         self.params, self.max_tokens, self.context_window = params, max_tokens, context_window
         self.step_timeout, self.group_size = step_timeout, group_size
 
-    async def play_group(self, seed: int, seq: int) -> tuple[list, dict[str, float]]:
+    async def play_group(self, seed: int, seq: int, min_version: int = -1,
+                         wait_s: float = 600.0) -> tuple[list, dict[str, float]]:
         """The group's K episodes (an env fault becomes `(reason, detail)`) and the engine's stats.
 
+        The group starts once the engine has weights of `min_version` or newer (a push
+        the trainer did not wait for may still be loading); after `wait_s` it raises.
         An engine error raises: as with the local producer it stops the run.
         """
+        deadline = time.monotonic() + wait_s
+        while self.engine.version < min_version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"weights v{min_version} did not reach this rollout actor within {wait_s:.0f} s "
+                                   f"(it has v{self.engine.version})")
+            await asyncio.sleep(0.002)
         results = await asyncio.gather(*(self._episode(seed, seq) for _ in range(self.group_size)),
                                        return_exceptions=True)
         out = []
@@ -155,6 +169,7 @@ class RayActorPool:
         self.ready = set(range(num_actors))
         self._gone: set[int] = set()
         self._latest: tuple[Any, int] = (None, -1)  # (object ref, version) of the latest push
+        self._pending: tuple[list, int, float] = ([], -1, 0.0)  # unacknowledged loads, their version, sent at
         self._stats: dict[int, dict[str, float]] = {}
         self._retired: Counter[str] = Counter()  # stats of actor lives that ended
         self._lock = threading.Lock()
@@ -177,18 +192,35 @@ class RayActorPool:
     def metrics(self, since: dict[str, float] | None = None) -> dict[str, float]:
         return HFEngine.metrics(self, since)  # the same figures, over every actor's engine
 
-    def push(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Every ready actor loads `state` (put in the object store once) as `version`; waits for them.
+    def push(self, state: dict[str, torch.Tensor], version: int, wait: bool = True) -> None:
+        """Every ready actor loads `state` (put in the object store once) as `version`.
+
+        Args:
+            wait: wait for every actor to have loaded it; else return once the loads are
+                sent, and collect them at the next push (or `settle`).
 
         Raises:
-            TimeoutError: an actor did not load it within `push_timeout_s` (all calls together).
+            TimeoutError: an actor did not load it (or the previous push) within
+                `push_timeout_s` (all calls together).
         """
-        ref = ray.put({name: t.detach().cpu() for name, t in state.items()})
+        self.settle()
+        ref = ray.put({name: t.detach().cpu() for name, t in state.items()})  # a copy: training may go on
         self._latest = (ref, version)
         with self._lock:  # `ready` changes in the producer's loop thread
             ready = sorted(self.ready)
-        calls = [(i, self.actors[i].load_weights.remote(ref, version)) for i in ready]
-        start = time.monotonic()
+        self._pending = ([(i, self.actors[i].load_weights.remote(ref, version)) for i in ready], version,
+                         time.monotonic())
+        if wait:
+            self.settle()
+
+    def settle(self) -> None:
+        """Wait for the actors to acknowledge the last push (a no-op if they have).
+
+        Raises:
+            TimeoutError: as `push`.
+        """
+        calls, version, start = self._pending
+        self._pending = ([], version, start)
         for i, call in calls:
             try:
                 ray.get(call, timeout=max(start + self.push_timeout_s - time.monotonic(), 0.0))
@@ -200,8 +232,8 @@ class RayActorPool:
                     f"(rollout.ray_timeout): still being built, or starved of CPU? ({self.actors[i]!r}: its "
                     f"log is the worker log naming that actor id under the Ray session's logs/)") from None
 
-    async def play(self, seq: int, seed: int) -> tuple[list, dict[str, float]]:
-        """Play a group on the least busy ready actor.
+    async def play(self, seq: int, seed: int, min_version: int = -1) -> tuple[list, dict[str, float]]:
+        """Play a group on the least busy ready actor, on weights of `min_version` or newer.
 
         Raises:
             GroupLost: the actor died while playing it ("producer_died").
@@ -215,7 +247,8 @@ class RayActorPool:
         life = self.deaths[i]
         self.in_flight[i] += 1
         try:
-            results, stats = await asyncio.wrap_future(self.actors[i].play_group.remote(seed, seq).future())
+            results, stats = await asyncio.wrap_future(
+                self.actors[i].play_group.remote(seed, seq, min_version, self.push_timeout_s).future())
         except RayActorError as e:
             self._died(i, life)
             raise GroupLost("producer_died", f"Ray actor {i} died: {type(e).__name__}") from None
@@ -274,9 +307,9 @@ class RayRolloutProducer(RolloutProducer):
         super().__init__(pool, tokenizer, lambda: None, **kwargs)
         self.pool = pool
 
-    async def _play_episodes(self, seq: int, seed: int) -> list:
+    async def _play_episodes(self, seq: int, seed: int, min_version: int = -1) -> list:
         try:
-            results, _ = await self.pool.play(seq, seed)
+            results, _ = await self.pool.play(seq, seed, min_version)
         except ray.exceptions.RayTaskError as e:  # the actor's engine failed: fatal, as locally
             return [e]
         except RuntimeError as e:  # no actor left

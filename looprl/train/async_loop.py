@@ -14,8 +14,9 @@ into a bounded `GroupStream`. Each step then:
      with `decoupled_loss`, clipped around the recomputed ones and weighted by
      pi_current / pi_behaviour);
   4. pushes the trained tensors into the engine's copy every `sync_every` steps (only
-     the adapter with LoRA); episodes in flight continue on the new weights (partial
-     rollouts, see `looprl/rollout/weight_sync.py`).
+     the adapter with LoRA; Ray actors load them while the trainer goes on, and no group
+     starts on weights older than the push before it was allowed); episodes in flight
+     continue on the new weights (partial rollouts, see `looprl/rollout/weight_sync.py`).
 
 With `max_staleness: 0` the producer starts a batch's groups only once the previous
 update is pushed, samples the same seeds and the batches are sorted into seed order, so
@@ -71,6 +72,7 @@ class AsyncRollouts:
         self.engine: SnapshotEngine | None = None
         self.stream: GroupStream | None = None
         self.steps_done = 0
+        self._pushed_version: int | None = None  # the last weights version sent to the producers
         self._stop = None
         self._progress = None
         self._log_lock = threading.Lock()
@@ -117,12 +119,12 @@ class AsyncRollouts:
         engine.update_weights()  # the trainer's version: the shared-model engine only counts
         self.steps_done += 1
         if self.steps_done % cfg.rollout.sync_every == 0:
-            self.engine.push(trainable_state(model), engine.version)
+            self._push(trainable_state(model), engine.version)
         if cfg.rollout.max_staleness > 0:
-            # Let producers start the next groups now. With s = 0 that waits for the next
-            # step's call, so the RNG and sampler state a checkpoint saves in between are
-            # exactly the synchronous run's.
-            self.producer.release(self.steps_done)
+            # Let producers start the next groups now (on the weights just pushed). With
+            # s = 0 that waits for the next step's call, so the RNG and sampler state a
+            # checkpoint saves in between are exactly the synchronous run's.
+            self.producer.release(self.steps_done, self._pushed_version)
         t2 = time.perf_counter()
         metrics = {
             **rollout_metrics(episodes, rewards, kept=int(keep.sum().item())), **train_metrics,
@@ -134,6 +136,16 @@ class AsyncRollouts:
         }
         self._show_producers()
         return metrics
+
+    def _push(self, state, version: int) -> None:
+        """New weights into the producers' engine. Ray actors load them in the background
+        when s > 0 (the trainer goes on; each group waits for the version it was released
+        on); the local snapshot copies them between two generate calls."""
+        if isinstance(self.engine, SnapshotEngine):
+            self.engine.push(state, version)
+        else:
+            self.engine.push(state, version, wait=self.cfg.rollout.max_staleness == 0)
+        self._pushed_version = version
 
     def _start(self, model, tokenizer, engine, sampler) -> None:
         cfg = self.cfg
@@ -149,6 +161,7 @@ class AsyncRollouts:
             self.engine = start_ray_pool(cfg, params)
             try:
                 self.engine.push(trainable_state(model), engine.version)  # the actors built the config's weights
+                self._pushed_version = engine.version
             except BaseException:
                 self.engine.shutdown()
                 raise

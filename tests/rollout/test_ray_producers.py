@@ -23,7 +23,12 @@ ray = pytest.importorskip("ray")
 
 import looprl.train.async_loop as async_loop  # noqa: E402
 from looprl.rollout.engine import SamplingParams  # noqa: E402
-from looprl.rollout.ray_producers import LOCAL_SYSTEM_CONFIG, RayActorPool, RayRolloutProducer  # noqa: E402
+from looprl.rollout.ray_producers import (  # noqa: E402
+    LOCAL_SYSTEM_CONFIG,
+    RayActorPool,
+    RayRolloutProducer,
+    RolloutActor,
+)
 from looprl.rollout.stream import GroupStream, StreamClosed  # noqa: E402
 from looprl.train.metrics import read_metrics  # noqa: E402
 from looprl.train.models import load_model, load_tokenizer  # noqa: E402
@@ -133,7 +138,8 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
         deadline = time.perf_counter() + 60
         while self.steps_done == 4 and len(pool.ready) < 2 and time.perf_counter() < deadline:
             time.sleep(0.05)  # the restarted actor is back, with the latest weights
-        for i in sorted(pool.ready):  # the push returned: every ready actor holds the trainer's weights
+        pool.settle()  # acknowledged: every ready actor holds the trainer's weights
+        for i in sorted(pool.ready):
             assert ray.get(pool.actors[i].version.remote(), timeout=WAIT_S) == engine.version
             weights = ray.get(pool.actors[i].weights.remote(sorted(state)), timeout=WAIT_S)
             assert all(torch.equal(weights[k], state[k]) for k in state)
@@ -280,3 +286,26 @@ def test_env_faults_over_ray_drop_by_reason_and_an_engine_failure_stops_the_run(
         assert "engine broke" in str(info.value.__cause__)
     finally:
         assert producer.stop(timeout=10)
+
+
+def test_a_group_waits_for_the_weights_it_was_released_on(tiny_model_path):
+    """The trainer does not wait for a push (s > 0): an actor plays a group only once it
+    holds the version the group was released on, and gives up with a clear error."""
+    import asyncio
+
+    actor = RolloutActor(functools.partial(_policy, tiny_model_path), functools.partial(EchoEnv, turns=2),
+                         params=SamplingParams(4, 1.0), max_tokens=256, context_window=None, step_timeout=5.0,
+                         group_size=2, max_batch_size=8, threads=1, seed=0)
+
+    async def scenario():
+        await actor.load_weights({}, 0)
+        group = asyncio.ensure_future(actor.play_group(7, 0, min_version=1, wait_s=30))
+        await asyncio.sleep(0.2)
+        assert not group.done(), "the group started on weights older than it was released on"
+        await actor.load_weights({}, 1)
+        episodes, _ = await asyncio.wait_for(group, 30)
+        assert [e.policy_version for e in episodes] == [1, 1]
+        with pytest.raises(TimeoutError, match="weights v5 did not reach this rollout actor within 0 s"):
+            await actor.play_group(7, 1, min_version=5, wait_s=0.05)
+
+    asyncio.run(scenario())
