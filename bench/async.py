@@ -13,8 +13,10 @@ ratios async / sync.
 
 With `--correction decoupled` (or `recompute`) the async runs train with
 `rollout.decoupled_loss=true` (or `rollout.recompute_logprobs=true`). Each async mode's line
-ends with its mean paired difference in success from sync and the binomial standard error
-of that mean (from the 300-episode estimates), so "equal within noise" can be read off.
+ends with its mean paired difference in success from sync and two standard errors of that
+mean: the binomial one (evaluation noise of the 300-episode estimates) and the one across
+seeds (which also holds each run's training randomness), so "equal within noise" can be
+read off.
 
     python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [--backend local|ray]
                           [--correction none|recompute|decoupled] [key=value ...]
@@ -66,17 +68,21 @@ def steady_steps_per_hour(run_dir: Path) -> float:
     return 3600 / statistics.mean(steps)
 
 
-def paired_difference(success: list[float], baseline: list[float], episodes: int) -> tuple[float, float]:
-    """Mean per-seed difference `success - baseline`, and its binomial standard error: each
-    rate is a mean of `episodes` Bernoulli trials, so a seed's difference has variance
-    p(1-p)/n + q(1-q)/n, and the mean of the seeds' differences that sum over seeds squared.
+def paired_difference(success: list[float], baseline: list[float], episodes: int) -> tuple[float, float, float]:
+    """Mean per-seed difference `success - baseline` and two standard errors of it.
 
-    >>> paired_difference([0.5, 0.7], [0.6, 0.6], 100)
-    (0.0, 0.048...)
+    - Binomial: each rate is a mean of `episodes` Bernoulli trials, so a seed's difference
+      has variance p(1-p)/n + q(1-q)/n (evaluation noise only).
+    - Across seeds: the sample standard deviation of the seeds' differences / sqrt(seeds),
+      which also holds the training runs' own randomness (NaN with one seed).
+
+    >>> [round(x, 4) for x in paired_difference([0.5, 0.7], [0.6, 0.6], 100)]
+    [0.0, 0.0485, 0.1]
     """
     diffs = [a - b for a, b in zip(success, baseline)]
     variance = sum(p * (1 - p) / episodes + q * (1 - q) / episodes for p, q in zip(success, baseline))
-    return statistics.mean(diffs), variance ** 0.5 / len(diffs)
+    seeds = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), variance ** 0.5 / len(diffs), seeds
 
 
 def main() -> None:
@@ -128,12 +134,14 @@ def main() -> None:
                          "steady_steps_per_hour": steady, "steady_ratio": steady / steady_base,
                          "success": statistics.mean(success), "success_min": min(success),
                          "success_max": max(success)}
-        diff, stderr = paired_difference(success, [r["success"] for r in table["sync"]], args.eval_episodes)
-        summary[mode] |= {"success_diff": diff, "success_diff_stderr": stderr}
+        diff, stderr, seed_stderr = paired_difference(success, [r["success"] for r in table["sync"]],
+                                                      args.eval_episodes)
+        summary[mode] |= {"success_diff": diff, "success_diff_stderr": stderr, "success_diff_seed_stderr": seed_stderr}
         print(f"{mode:>9}: {statistics.mean(rate):7.0f} steps/h ({min(rate):.0f}-{max(rate):.0f})  "
               f"x{statistics.mean(rate) / base:.2f} vs sync; after the first step x{steady / steady_base:.2f}  "
               f"held-out success {statistics.mean(success):.1%} ({min(success):.1%}-{max(success):.1%})"
-              + ("" if mode == "sync" else f"; vs sync {diff * 100:+.1f} points (s.e. {stderr * 100:.1f})"))
+              + ("" if mode == "sync" else f"; vs sync {diff * 100:+.1f} points (s.e. {stderr * 100:.1f} binomial, "
+                                           f"{seed_stderr * 100:.1f} across seeds)"))
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": table}, indent=2))
 
 
