@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from looprl.algorithms import build_algorithm
 from looprl.algorithms.core import behaviour_weights, masked_mean
+from looprl.algorithms.grpo import kl_k3
 from looprl.config import DPOConfig, RunConfig, from_dict, to_yaml
 from looprl.envs import make_env
 from looprl.rollout.collect import collect_step_groups
@@ -213,22 +215,22 @@ def _micro_step(cfg: RunConfig, algorithm, model, tokenizer, rows: list[tuple[Tr
         old_logprobs = batch.proximal_logprobs
         extra["weights"] = behaviour_weights(batch.proximal_logprobs, batch.old_logprobs, batch.loss_mask,
                                              cfg.rollout.behaviour_weight_cap)
-        decoupled = _behaviour_weight_metrics(extra["weights"], batch)
+        decoupled = _behaviour_weight_metrics(extra["weights"], batch, cfg.rollout.behaviour_weight_cap)
     loss, metrics = algorithm.loss(logprobs, old_logprobs, batch.advantages, batch.loss_mask, batch.segments,
                                    **extra)
     (loss * weight).backward()
     return {**metrics, **decoupled}
 
 
-def _behaviour_weight_metrics(weights: torch.Tensor, batch) -> dict[str, float]:
+def _behaviour_weight_metrics(weights: torch.Tensor, batch, cap: float | None) -> dict[str, float]:
     """How far the proximal policy is from the behaviour one, on the sampled tokens."""
     mask = batch.loss_mask
-    log_ratio = batch.proximal_logprobs - batch.old_logprobs
+    over_cap = torch.zeros_like(mask) if cap is None else (batch.proximal_logprobs - batch.old_logprobs > math.log(cap))
     return {
         "behaviour_weight_mean": masked_mean(weights, mask).item(),
-        "behaviour_capped_frac": masked_mean(((weights == 0) & (mask > 0)).to(mask.dtype), mask).item(),
-        # k3 estimate of KL(behaviour || proximal): how stale the rollouts were.
-        "behaviour_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
+        "behaviour_capped_frac": masked_mean(over_cap.to(mask.dtype), mask).item(),
+        # k3 estimate of KL(behaviour || proximal), sampled from the behaviour: how stale the rollouts were.
+        "behaviour_kl": masked_mean(kl_k3(batch.old_logprobs, batch.proximal_logprobs), mask).item(),
     }
 
 
