@@ -19,7 +19,7 @@ seeds (which also holds each run's training randomness), so "equal within noise"
 read off.
 
     python bench/async.py [--seeds 0 1 2] [--steps 30] [--staleness 1 2] [--backend local|ray]
-                          [--correction none|recompute|decoupled] [key=value ...]
+                          [--pin-cpus] [--correction none|recompute|decoupled] [key=value ...]
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=5.0, help="latency factor of the slow tasks")
     parser.add_argument("--backend", choices=["local", "ray"], default="local",
                         help="where the async runs' producers live (ray: in their own processes)")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="ray: rollout.ray_pin_cpus=true (the trainer on its own core, Ray on the others)")
     parser.add_argument("--correction", choices=list(CORRECTIONS), default="none",
                         help="off-policy correction of the async runs (decoupled: rollout.decoupled_loss=true)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_async"))
@@ -106,7 +108,7 @@ def main() -> None:
     out = Path(args.out)
     modes = {"sync": ["rollout.mode=sync"]} | {
         f"async_s{s}": ["rollout.mode=async", f"rollout.max_staleness={s}", f"rollout.backend={args.backend}",
-                        *CORRECTIONS[args.correction]]
+                        *CORRECTIONS[args.correction], *(["rollout.ray_pin_cpus=true"] if args.pin_cpus else [])]
         for s in args.staleness}
     table: dict[str, list[dict]] = {m: [] for m in modes}
     if args.report:

@@ -96,6 +96,9 @@ class RolloutConfig(Section):
     producer_restarts: int = Field(1, ge=0, description="ray: how often a dead rollout actor is restarted")
     ray_timeout: float = Field(
         600.0, gt=0, description="ray: seconds a weight push may wait for an actor (the first includes building it)")
+    ray_pin_cpus: bool = Field(
+        False, description="ray, local cluster: pin the trainer to `threads` cores and Ray's daemons and actors to "
+                           "the others, so rollouts never preempt the training step (Linux)")
 
 
 class UpdateConfig(Section):
@@ -268,6 +271,10 @@ class RunConfig(Section):
         r = self.rollout
         if r.backend == "ray" and r.mode != "async":
             raise ValueError("rollout.backend=ray runs asynchronous producers: set rollout.mode=async")
+        if r.ray_pin_cpus and (r.backend != "ray" or r.ray_address is not None):
+            raise ValueError("rollout.ray_pin_cpus=true splits this machine's cores between the trainer and the Ray "
+                             "cluster the run starts: set rollout.backend=ray and rollout.ray_address=null, or leave "
+                             "it false")
         if r.decoupled_loss and r.recompute_logprobs:
             raise ValueError("rollout.decoupled_loss=true already recomputes logprobs under the current policy and "
                              "keeps the behaviour's for its weights: set rollout.recompute_logprobs=false")

@@ -145,3 +145,13 @@ def test_off_policy_corrections_are_checked_when_the_config_is_read(overrides, e
     with pytest.raises(ConfigError, match=expected):
         load_config(QUICKSTART, overrides)
     load_config(QUICKSTART, ["rollout.mode=async", "rollout.decoupled_loss=true"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["rollout.mode=async", "rollout.ray_pin_cpus=true"],
+    ["rollout.mode=async", "rollout.backend=ray", "rollout.ray_address=auto", "rollout.ray_pin_cpus=true"],
+])
+def test_pinned_cpus_need_a_local_ray_cluster(overrides):
+    with pytest.raises(ConfigError, match="rollout.ray_pin_cpus=true splits this machine's cores"):
+        load_config(QUICKSTART, overrides)
+    load_config(QUICKSTART, ["rollout.mode=async", "rollout.backend=ray", "rollout.ray_pin_cpus=true"])

@@ -266,7 +266,7 @@ class RayActorPool:
             except Exception as e:  # noqa: BLE001 (already gone: nothing to kill)
                 log.debug("killing a rollout actor: %s", e)
         if self.started_ray:
-            ray.shutdown()
+            disconnect()
 
     def _died(self, i: int, life: int) -> None:
         """(Producer loop) a call to actor `i` failed; count its death once and start its recovery."""
@@ -345,30 +345,91 @@ def _unnice() -> None:
                     "RAY_worker_niceness=0", os.getpriority(os.PRIO_PROCESS, 0), e)
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, pin_threads: int | None = None) -> bool:
     """Make sure this process is connected to Ray; returns whether it called `ray.init`.
 
     Args:
         address: None: the Ray already initialised in this process, else a new local
             cluster; "auto" or "host:port": an existing cluster (`ray start --head`).
+        pin_threads: for a new local cluster, pin this process to its first `pin_threads`
+            cores and Ray's daemons and workers to the others (see `pin_cpus`);
+            `disconnect` gives this process its cores back.
     """
     if ray is None:
         raise ImportError("rollout.backend=ray needs Ray: pip install 'looprl[ray]'")
     if ray.is_initialized():
+        if pin_threads:
+            log.warning("rollout.ray_pin_cpus: Ray was already initialised in this process; cores left unpinned")
         return False
     # ray.init replaces the SIGTERM handler (with sys.exit): keep the run's graceful stop.
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    split = pin_cpus(pin_threads) if pin_threads and address is None else None
     try:
         if address is None:
-            ray.init(include_dashboard=False, runtime_env=_runtime_env(), _system_config=LOCAL_SYSTEM_CONFIG)
+            ray.init(include_dashboard=False, runtime_env=_runtime_env(), _system_config=LOCAL_SYSTEM_CONFIG,
+                     **({"num_cpus": len(split[1])} if split else {}))
         else:
             ray.init(address=address, runtime_env=_runtime_env())
+    except BaseException:
+        if split:
+            disconnect()
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    if split:  # every thread of this process, Ray's own included; later ones inherit it
+        _set_process_affinity(split[0])
     return True
+
+
+def disconnect() -> None:
+    """Stop this process's Ray connection (and the local cluster it started); unpin its cores."""
+    global _unpinned
+    ray.shutdown()
+    if _unpinned is not None:
+        _set_process_affinity(_unpinned)
+        _unpinned = None
+
+
+_unpinned: set[int] | None = None  # this process's cores before `pin_cpus`
+
+
+def pin_cpus(threads: int) -> tuple[set[int], set[int]] | None:
+    """Split this process's cores: the first `threads` for the trainer, the rest for a Ray
+    cluster started next from this thread; returns `(trainer's, Ray's)`, or None (with a
+    warning) where there are too few cores or no `sched_setaffinity`.
+
+    A local cluster shares the machine with the trainer, and the OS spreads the actors'
+    generate calls, their environments and Ray's own daemons over every core, the trainer's
+    included: on 2 cores that made each training step 15-25% slower. With the split, what
+    the actors do never preempts the step. The cores are set on the calling thread only, so
+    the daemons `ray.init` starts (and the workers they start) inherit them; the caller
+    then moves this process's threads onto the trainer's cores (`connect` does).
+    """
+    global _unpinned
+    if not hasattr(os, "sched_setaffinity"):
+        log.warning("rollout.ray_pin_cpus: this OS cannot pin threads to cores; left unpinned")
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) <= threads:
+        log.warning("rollout.ray_pin_cpus: %d core(s) cannot be split between a trainer on %d thread(s) and Ray; "
+                    "left unpinned", len(cores), threads)
+        return None
+    trainer, rest = set(cores[:threads]), set(cores[threads:])
+    _unpinned = _unpinned or set(cores)
+    os.sched_setaffinity(0, rest)  # this thread: what it starts inherits these cores
+    return trainer, rest
+
+
+def _set_process_affinity(cores: set[int]) -> None:
+    """Pin every thread of this process to `cores` (Linux affinity is per thread)."""
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:
+            pass  # that thread has ended
 
 
 def _runtime_env() -> dict[str, Any]:

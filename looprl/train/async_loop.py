@@ -218,7 +218,8 @@ def start_ray_pool(cfg: RunConfig, params: SamplingParams):
     each building the policy from `cfg` on its own node."""
     from looprl.rollout import ray_producers
 
-    started = ray_producers.connect(cfg.rollout.ray_address)
+    pin_threads = cfg.threads if cfg.rollout.ray_pin_cpus else None
+    started = ray_producers.connect(cfg.rollout.ray_address, pin_threads=pin_threads)
     r = cfg.rollout
     actor_kwargs = dict(
         build_policy=functools.partial(build_policy, cfg),
@@ -233,7 +234,7 @@ def start_ray_pool(cfg: RunConfig, params: SamplingParams):
                                           started_ray=started, push_timeout_s=r.ray_timeout)
     except BaseException:
         if started:
-            ray_producers.ray.shutdown()
+            ray_producers.disconnect()
         raise
 
 

@@ -104,6 +104,31 @@ def test_connect_starts_a_local_cluster_keeping_the_runs_signal_handlers_and_shu
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 cores and sched_setaffinity")
+def test_pinned_cpus_give_the_trainer_and_the_local_cluster_disjoint_cores_and_disconnect_restores_them():
+    from looprl.rollout.ray_producers import connect, disconnect
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+    cores = os.sched_getaffinity(0)
+
+    @ray.remote(num_cpus=1)
+    def worker_cores():
+        return os.sched_getaffinity(0)
+
+    try:
+        assert connect(None, pin_threads=1) is True
+        trainer = {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+        assert trainer == {frozenset({min(cores)})}  # every thread, Ray's own included
+        assert ray.cluster_resources()["CPU"] == len(cores) - 1
+        assert ray.get(worker_cores.remote(), timeout=WAIT_S) == cores - {min(cores)}
+    finally:
+        disconnect()
+    assert not ray.is_initialized()
+    assert os.sched_getaffinity(0) == cores
+
+
 def test_trajectories_pickle_through_the_object_store(ray_cluster):
     chunk = Trajectory([1, 2, 3], [0, 1, 1], [0.0, -0.5, -0.25], turn_spans=[(1, 3)], turn_rewards=[1.0],
                        task_id="7", policy_version=3, info={"success": True})
