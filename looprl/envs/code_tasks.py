@@ -117,7 +117,7 @@ SUM_LARGEST = Family(
     name="sum_largest",
     level=1,
     signature="def sum_largest(nums: list[int]) -> int",
-    params={"k": (1, 2, 3, 4, 5, 6)},
+    params={"k": tuple(range(1, 9))},
     derive=lambda p: {
         "task": "the largest number in `nums`, or 0 if it is empty"
         if p["k"] == 1
@@ -163,7 +163,7 @@ ROTATE = Family(
     name="rotate",
     level=1,
     signature="def rotate(nums: list[int]) -> list[int]",
-    params={"k": (1, 2, 3, 4, 5), "direction": ("left", "right")},
+    params={"k": tuple(range(1, 13)), "direction": ("left", "right")},
     derive=lambda p: {
         "steps": _plural(p["k"], "step"),
         "move": "the first element to the end"
@@ -186,7 +186,7 @@ CLAMP = Family(
     name="clamp",
     level=1,
     signature="def clamp(nums: list[int]) -> list[int]",
-    params={"low": (-10, -5, 0, 1), "high": (5, 10, 20, 50)},
+    params={"low": tuple(range(-30, 2)), "high": tuple(range(5, 51))},
     describe="Return `nums` with every number below $low replaced by $low and every number "
     "above $high replaced by $high.",
     solution="""
@@ -200,7 +200,7 @@ COUNT_MULTIPLES = Family(
     name="count_multiples",
     level=1,
     signature="def count_multiples(nums: list[int]) -> int",
-    params={"d": (2, 3, 4, 5, 6, 7, 8, 9), "negate": (False, True)},
+    params={"d": tuple(range(2, 21)), "negate": (False, True)},
     derive=lambda p: {"not_": "not " * p["negate"], "compare": "!=" if p["negate"] else "=="},
     describe="Return how many numbers in `nums` are ${not_}divisible by $d.",
     solution="""
@@ -251,7 +251,7 @@ DIGIT_POWER_SUM = Family(
     name="digit_power_sum",
     level=1,
     signature="def digit_power_sum(n: int) -> int",
-    params={"p": (1, 2, 3, 4), "base": (2, 8, 10, 16)},
+    params={"p": (1, 2, 3, 4, 5, 6), "base": (2, 8, 10, 16)},
     describe="Write `n` (n >= 0) in base $base and return the sum of its digits, each raised "
     "to the power $p.",
     solution="""
@@ -292,7 +292,7 @@ LONG_WORDS = Family(
     name="long_words",
     level=1,
     signature="def long_words(s: str) -> list[str]",
-    params={"length": (2, 3, 4, 5, 6, 7)},
+    params={"length": tuple(range(2, 10))},
     describe="`s` holds words separated by single spaces. Return the list of its words that "
     "have at least $length letters, in order.",
     solution="""
@@ -306,7 +306,7 @@ CHUNK_TOTALS = Family(
     name="chunk_totals",
     level=1,
     signature="def chunk_totals(nums: list[int]) -> list[int]",
-    params={"k": (2, 3, 4, 5, 6), "op": ("sum", "max", "min")},
+    params={"k": tuple(range(2, 11)), "op": ("sum", "max", "min")},
     describe="Split `nums` into consecutive chunks of $k numbers (the last chunk may be "
     "shorter) and return the $op of each chunk, in order.",
     solution="""
@@ -360,7 +360,7 @@ ALTERNATE_CASE = Family(
     name="alternate_case",
     level=1,
     signature="def alternate_case(s: str) -> str",
-    params={"k": (2, 3, 4, 5), "upper": (True, False)},
+    params={"k": tuple(range(2, 10)), "upper": (True, False)},
     derive=lambda p: {
         "kth": _ordinal(p["k"]),
         "twice": _ordinal(2 * p["k"]),

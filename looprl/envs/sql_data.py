@@ -238,6 +238,10 @@ def _shop_rows(draw: Draw) -> dict[str, list[Row]]:
 YEARS = (2021, 2022, 2023, 2024)
 SIGNUP_YEARS = (2020, 2021, 2022, 2023)
 PRICES = (40, 80, 120)
+# Difficulty 1 draws its numbers from wide ranges: with a handful of values a small model
+# can memorise every question's query instead of learning to copy the question's values,
+# and what it learns on training questions then does not carry to held-out ones.
+PRICE_LIMITS = tuple(range(10, 151, 5))
 
 SHOP_TEMPLATES = (
     # 1: one table, filters and counts
@@ -253,7 +257,7 @@ SHOP_TEMPLATES = (
         1,
         "List the names of the products in the '{category}' category that cost less than {price}.",
         "SELECT name FROM products WHERE category = {category} AND price < {price}",
-        {"category": CATEGORIES, "price": PRICES},
+        {"category": CATEGORIES, "price": PRICE_LIMITS},
     ),
     Template(
         "orders_with_status_in_year",
@@ -450,6 +454,7 @@ def _school_rows(draw: Draw) -> dict[str, list[Row]]:
 
 STUDY_YEARS = (1, 2, 3, 4)
 GRADE_LIMITS = (50, 60, 70)
+LOW_GRADE_LIMITS = tuple(range(40, 100))  # difficulty 1 (see PRICE_LIMITS)
 
 SCHOOL_TEMPLATES = (
     # 1: one table, filters and counts
@@ -493,7 +498,7 @@ SCHOOL_TEMPLATES = (
         1,
         "How many grades below {grade} were given in the term '{term}'?",
         "SELECT COUNT(*) FROM enrollments WHERE term = {term} AND grade < {grade}",
-        {"grade": GRADE_LIMITS, "term": TERMS},
+        {"grade": LOW_GRADE_LIMITS, "term": TERMS},
     ),
     # 2: aggregation and ordering on one table
     Template(
@@ -685,6 +690,8 @@ def _return_date(draw: Draw, loan_date: str) -> str | None:
 
 LOAN_YEARS = (2022, 2023, 2024)
 PUBLISHED_YEARS = (1970, 1990, 2000, 2010)
+PUBLISHED_AFTER = tuple(range(1950, 2021))  # difficulty 1 (see PRICE_LIMITS)
+PAGE_LIMITS = tuple(range(100, 851, 10))
 
 LIBRARY_TEMPLATES = (
     # 1: one table, filters and counts
@@ -693,14 +700,14 @@ LIBRARY_TEMPLATES = (
         1,
         "How many '{genre}' books were published after {year}?",
         "SELECT COUNT(*) FROM books WHERE genre = {genre} AND published_year > {year}",
-        {"genre": GENRES, "year": PUBLISHED_YEARS},
+        {"genre": GENRES, "year": PUBLISHED_AFTER},
     ),
     Template(
         "long_books_in_genre",
         1,
         "List the titles of the '{genre}' books with more than {pages} pages.",
         "SELECT title FROM books WHERE genre = {genre} AND pages > {pages}",
-        {"genre": GENRES, "pages": (200, 400, 600)},
+        {"genre": GENRES, "pages": PAGE_LIMITS},
     ),
     Template(
         "open_loans_in_year",
