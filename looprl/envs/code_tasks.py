@@ -292,7 +292,7 @@ LONG_WORDS = Family(
     name="long_words",
     level=1,
     signature="def long_words(s: str) -> list[str]",
-    params={"length": tuple(range(2, 10))},
+    params={"length": (2, 3, 4, 5, 6, 7)},  # words have 1-7 letters
     describe="`s` holds words separated by single spaces. Return the list of its words that "
     "have at least $length letters, in order.",
     solution="""
@@ -582,6 +582,7 @@ PAIR_COUNT = Family(
     level=2,
     signature="def pair_count(nums: list[int]) -> int",
     params={"target": tuple(range(0, 21, 2)), "op": ("sum", "difference")},
+    valid=lambda p: p["op"] == "sum" or p["target"] <= 12,  # no two inputs differ by more than 12
     derive=lambda p: {
         "pair": "nums[i] + nums[j]" if p["op"] == "sum" else "abs(nums[i] - nums[j])"
     },

@@ -8,6 +8,7 @@ every level, with `max_turns=1` so that each episode is one sandbox run (a submi
 from __future__ import annotations
 
 import json
+import random
 import string
 
 import gymnasium
@@ -206,6 +207,28 @@ def test_the_split_is_by_problem_and_held_out_problems_are_never_posed_in_train(
     problems = [(f.name, params_key(p)) for f in FAMILIES for p in f.all_params()]
     held_out = sum(split_of(*problem) == "test" for problem in problems) / len(problems)
     assert 0.12 < held_out < 0.28 and len(problems) > 300
+
+
+def test_level_1_has_too_many_problems_to_memorise():
+    """Wide parameter ranges: a small model must copy the description's values, not recall answers."""
+    level_1 = [(f.name, p) for f in FAMILIES if f.level == 1 for p in f.all_params()]
+    assert len(level_1) > 1000
+    assert sum(split_of(name, params_key(p)) == "test" for name, p in level_1) > 200
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_no_problem_is_solved_by_a_constant(family):
+    """Each reference solution gives at least two different outputs on its family's inputs
+    (a parameter outside what the inputs can reach would make `return []` a full score)."""
+    constant = []
+    for params in family.all_params():
+        namespace: dict = {}
+        exec(family.reference(params), namespace)  # trusted: our own reference solutions
+        solve, rng = namespace[family.name], random.Random(0)
+        outputs = {repr(solve(*family.inputs(rng, params))) for _ in range(60)}
+        if len(outputs) < 2:
+            constant.append(params)
+    assert not constant, f"{family.name}: every input gives the same output for {constant}"
 
 
 @pytest.mark.parametrize(

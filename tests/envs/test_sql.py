@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 import json
 import sys
 import threading
@@ -477,6 +478,13 @@ def test_a_degenerate_task_id_is_rejected():
             assert "the answer is empty or all zeros" in str(e)
             return
     pytest.fail("expected at least one degenerate task in 200 databases")
+
+
+def test_difficulty_1_has_too_many_questions_to_memorise():
+    """Wide thresholds: a small model must copy the question's values, not recall each query."""
+    questions = [(schema, t, values) for schema in SCHEMAS.values() for t in schema.templates if t.difficulty == 1
+                 for values in itertools.product(*t.params.values())]
+    assert len(questions) > 1000
 
 
 def test_the_test_split_poses_its_own_tasks():
