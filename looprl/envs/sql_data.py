@@ -22,30 +22,13 @@ from typing import Any
 
 Row = tuple[Any, ...]
 
-# Names come from lists long enough that a question's value cannot be guessed from its
-# template: a small model must learn to copy it from the question (see PRICE_LIMITS).
-CITIES = (
-    "Bordeaux", "Brest", "Dijon", "Grenoble", "Lille", "Lyon", "Marseille", "Metz",
-    "Montpellier", "Nantes", "Nice", "Paris", "Reims", "Rennes", "Toulon", "Toulouse",
-)  # fmt: skip
-CATEGORIES = (
-    "beauty", "books", "games", "garden", "kitchen", "music", "office", "pets", "sports",
-    "tools", "toys", "travel",
-)  # fmt: skip
+CITIES = ("Bordeaux", "Lille", "Lyon", "Nantes", "Nice", "Paris")
+CATEGORIES = ("books", "games", "garden", "kitchen", "music", "sports")
 STATUSES = ("cancelled", "delivered", "pending", "shipped")
-MAJORS = (
-    "Art", "Biology", "Chemistry", "Economics", "Geology", "History", "Law", "Linguistics",
-    "Mathematics", "Medicine", "Philosophy", "Physics",
-)  # fmt: skip
+MAJORS = ("Biology", "Chemistry", "Economics", "History", "Mathematics", "Physics")
 TERMS = ("2022-fall", "2023-spring", "2023-fall", "2024-spring")
-COUNTRIES = (
-    "Brazil", "Canada", "Chile", "Egypt", "France", "Germany", "India", "Italy", "Japan",
-    "Kenya", "Mexico", "Nigeria", "Norway", "Peru", "Spain", "Vietnam",
-)  # fmt: skip
-GENRES = (
-    "biography", "cooking", "drama", "fantasy", "history", "horror", "humor", "mystery",
-    "poetry", "romance", "science", "travel",
-)  # fmt: skip
+COUNTRIES = ("Brazil", "Canada", "France", "India", "Japan", "Nigeria")
+GENRES = ("fantasy", "history", "mystery", "poetry", "romance", "science")
 
 FIRST_NAMES = (
     "Ada", "Ben", "Chloe", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas",
@@ -63,12 +46,6 @@ PRODUCT_NOUNS = {
     "kitchen": ("Kettle", "Blender", "Pan", "Toaster"),
     "music": ("Ukulele", "Harmonica", "Drum", "Metronome"),
     "sports": ("Ball", "Racket", "Helmet", "Yoga Mat"),
-    "beauty": ("Mirror", "Brush", "Soap", "Lotion"),
-    "office": ("Stapler", "Notebook", "Lamp", "Binder"),
-    "pets": ("Leash", "Collar", "Bowl", "Cushion"),
-    "tools": ("Hammer", "Drill", "Wrench", "Saw"),
-    "toys": ("Robot", "Kite", "Puppet", "Yo-yo"),
-    "travel": ("Backpack", "Suitcase", "Pillow", "Adapter"),
 }
 ADJECTIVES = ("Blue", "Classic", "Compact", "Deluxe", "Golden", "Quiet", "Red", "Swift")
 TITLE_WORDS = ("Silent", "Hidden", "Last", "Broken", "Golden", "Endless", "Winter", "Lost")
@@ -237,7 +214,7 @@ def _shop_rows(draw: Draw) -> dict[str, list[Row]]:
     ]
     products = [
         (name, category, draw.integer(299, 14999) / 100)
-        for category, name in draw.sample(catalog, draw.integer(32, 40))
+        for category, name in draw.sample(catalog, draw.integer(24, 30))
     ]
     statuses = ("delivered",) * 5 + ("shipped",) * 2 + ("pending", "cancelled")
     orders = [
@@ -460,7 +437,7 @@ def _school_rows(draw: Draw) -> dict[str, list[Row]]:
     catalog = [(f"{kind} {major}", major) for major in MAJORS for kind in COURSE_KINDS]
     courses = [
         (title, department, draw.integer(2, 6))
-        for title, department in draw.sample(catalog, draw.integer(24, 30))
+        for title, department in draw.sample(catalog, draw.integer(16, 20))
     ]
     pairs = [(s, c) for s in range(1, len(students) + 1) for c in range(1, len(courses) + 1)]
     enrollments = [
@@ -675,8 +652,8 @@ LIBRARY_TABLES = (
 
 
 def _library_rows(draw: Draw) -> dict[str, list[Row]]:
-    people = draw.sample(PEOPLE, draw.integer(44, 56))
-    num_authors = draw.integer(16, 24)
+    people = draw.sample(PEOPLE, draw.integer(36, 48))
+    num_authors = draw.integer(12, 18)
     authors = [(name, draw.choice(COUNTRIES)) for name in people[:num_authors]]
     members = [(name, draw.choice(CITIES)) for name in people[num_authors:]]
     catalog = [f"The {word} {noun}" for word in TITLE_WORDS for noun in TITLE_NOUNS]
@@ -688,7 +665,7 @@ def _library_rows(draw: Draw) -> dict[str, list[Row]]:
             draw.integer(1950, 2023),
             draw.integer(80, 900),
         )
-        for title in draw.sample(catalog, draw.integer(36, 48))
+        for title in draw.sample(catalog, draw.integer(30, 42))
     ]
     loans = [
         (draw.integer(1, len(books)), draw.integer(1, len(members)), draw.date(2022, 2024))

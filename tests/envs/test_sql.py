@@ -130,8 +130,8 @@ def test_the_database_accepts_ordinary_read_queries():
 def test_the_step_budget_is_deterministic_and_counts_python_wrapped_calls():
     database = shop_database(max_vm_steps=200_000)
     cheap = "SELECT strftime('%Y', order_date) FROM orders"
-    assert len(database.query(cheap, 1000)[1]) == 81
-    wrapped = (  # 81 * 81 calls of strftime: 6.6M steps, though few VM instructions
+    assert len(database.query(cheap, 1000)[1]) == 105
+    wrapped = (  # 105 * 105 calls of strftime: 11M steps, though few VM instructions
         "SELECT COUNT(*) FROM orders a, orders b "
         "WHERE strftime('%Y', a.order_date, '+' || b.id || ' days') > ''"
     )
@@ -163,14 +163,14 @@ def test_invalid_utf8_text_is_shown_with_replacement_characters():
 
 def test_list_tables_shows_every_table_with_its_rows():
     obs, reward, terminated = call(started(), "list_tables")
-    assert obs == "customers (31 rows)\nproducts (38 rows)\norders (81 rows)"
+    assert obs == "customers (31 rows)\nproducts (29 rows)\norders (105 rows)"
     assert (reward, terminated) == (0.0, False)
 
 
 def test_describe_table_shows_columns_references_and_first_rows():
     obs = call(started(), "describe_table", name=" Orders ")[0]
     assert obs.splitlines() == [
-        "Table orders (81 rows), columns:",
+        "Table orders (105 rows), columns:",
         "  id INTEGER PRIMARY KEY",
         "  customer_id INTEGER REFERENCES customers(id)",
         "  product_id INTEGER REFERENCES products(id)",
@@ -179,7 +179,7 @@ def test_describe_table_shows_columns_references_and_first_rows():
         "  status TEXT",
         "First 3 rows:",
         "id | customer_id | product_id | quantity | order_date | status",
-        "1 | 18 | 33 | 4 | 2021-01-27 | delivered",
+        "1 | 24 | 22 | 3 | 2021-03-11 | delivered",
         *obs.splitlines()[10:],
     ]
     assert len(obs.splitlines()) == 12
@@ -380,7 +380,7 @@ def test_the_prompt_is_the_question_and_the_task_id_restores_it():
     env = make()
     obs, info = env.reset(options={"task": LYON})
     assert obs == "Database: shop (SQLite).\nQuestion: How many customers live in Lyon?"
-    assert info["task_id"] == LYON and env.task.expected == ((1,),)
+    assert info["task_id"] == LYON and env.task.expected == ((5,),)
     assert len(info["messages"][0]["content"]) < 250
 
 
@@ -410,8 +410,8 @@ def test_templates_are_well_formed():
 def test_data_is_stable_across_runs_and_differs_across_seeds():
     rows = SCHEMAS["shop"].rows(0)
     assert rows["customers"][0] == (1, "Pablo Dubois", "Nantes", 2022)
-    assert rows["products"][0] == (1, "Quiet Drum", "music", 42.2)
-    assert rows["orders"][0] == (1, 18, 33, 4, "2021-01-27", "delivered")
+    assert rows["products"][0] == (1, "Compact Planter", "garden", 95.23)
+    assert rows["orders"][0] == (1, 24, 22, 3, "2021-03-11", "delivered")
     assert SCHEMAS["shop"].rows(1) != rows and SCHEMAS["shop"].rows(0) == rows
     draw = Draw("x")
     assert (draw.integer(1, 6), draw.choice("abc"), draw.sample(range(10), 3)) == (
