@@ -331,15 +331,7 @@ def _unnice() -> None:
     if not hasattr(os, "getpriority") or os.getpriority(os.PRIO_PROCESS, 0) <= 0:
         return
     try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    try:
-        for tid in tids:
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, 0)
-            except ProcessLookupError:
-                pass  # that thread has ended
+        _each_thread(lambda tid: os.setpriority(os.PRIO_PROCESS, tid, 0))
     except OSError as e:  # no permission to raise priority (not root, no CAP_SYS_NICE)
         log.warning("rollout actor left at niceness %d (%s): on a busy machine start Ray with "
                     "RAY_worker_niceness=0", os.getpriority(os.PRIO_PROCESS, 0), e)
@@ -425,9 +417,19 @@ def pin_cpus(threads: int) -> tuple[set[int], set[int]] | None:
 
 def _set_process_affinity(cores: set[int]) -> None:
     """Pin every thread of this process to `cores` (Linux affinity is per thread)."""
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+    _each_thread(lambda tid: os.sched_setaffinity(tid, cores))
+
+
+def _each_thread(apply: Callable[[int], None]) -> None:
+    """`apply(tid)` for every thread of this process (Linux's per-thread settings); just
+    this thread (0) where /proc is missing; threads that end meanwhile are skipped."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
         try:
-            os.sched_setaffinity(int(tid), cores)
+            apply(tid)
         except ProcessLookupError:
             pass  # that thread has ended
 

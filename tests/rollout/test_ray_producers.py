@@ -129,6 +129,20 @@ def test_pinned_cpus_give_the_trainer_and_the_local_cluster_disjoint_cores_and_d
     assert os.sched_getaffinity(0) == cores
 
 
+def test_too_few_cores_to_split_leave_them_unpinned_with_a_warning(monkeypatch, caplog):
+    from looprl.rollout import ray_producers
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity")
+    cores = os.sched_getaffinity(0)
+    monkeypatch.setattr(ray_producers.os, "sched_getaffinity", lambda pid: {0})
+    assert ray_producers.pin_cpus(threads=1) is None
+    assert "1 core(s) cannot be split between a trainer on 1 thread(s) and Ray" in caplog.text
+    assert ray_producers._unpinned is None
+    monkeypatch.undo()
+    assert os.sched_getaffinity(0) == cores
+
+
 def test_trajectories_pickle_through_the_object_store(ray_cluster):
     chunk = Trajectory([1, 2, 3], [0, 1, 1], [0.0, -0.5, -0.25], turn_spans=[(1, 3)], turn_rewards=[1.0],
                        task_id="7", policy_version=3, info={"success": True})
