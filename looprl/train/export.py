@@ -32,11 +32,17 @@ def export(source: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"Export folder {str(out)!r} exists and is not empty")
     model, tokenizer, _ = load_trained_policy(source)
-    merged = merge_lora(model)
+    return save_model_folder(merge_lora(model), tokenizer, out)
+
+
+def save_model_folder(model, tokenizer, out: str | Path) -> Path:
+    """Write a plain transformers `model` (no LoRA wrapper) and its tokenizer to `out`,
+    atomically: the folder appears complete or not at all, replacing an empty one."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()

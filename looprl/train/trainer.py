@@ -11,10 +11,12 @@ run continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,9 @@ from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.dpo_online import build_reference, dpo_step
 from looprl.train.evaluate import evaluate
 from looprl.train.exit import build_exit_sampler, exit_step, expert_env_factory
+from looprl.train.export import save_model_folder
 from looprl.train.metrics import MetricsLogger, init_wandb, rollout_metrics, step_timings
+from looprl.train.models import merge_lora
 from looprl.train.policy import build_policy, load_trainable_state, trainable_state
 from looprl.train.progress import RunProgress
 from looprl.train.sft import expert_pool, run_sft
@@ -81,7 +85,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     with progress:
         if latest is None:
-            _warm_start(cfg, model, tokenizer, engine, logger, progress, state)
+            _warm_start(cfg, model, tokenizer, engine, logger, progress, state, run_dir)
         step_fn = _step_fn(cfg, model, run_dir, fresh=latest is None)  # before the first save: DPO's reference
         if latest is None:
             save()
@@ -253,8 +257,8 @@ def start_run(cfg: RunConfig):
     return model, tokenizer, run_dir, engine
 
 
-def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, state) -> None:
-    """SFT on oracle episodes, then evaluate the warm-started policy."""
+def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, state, run_dir: Path) -> None:
+    """SFT on oracle episodes (saved to `run_dir/warmstart` if asked), then evaluate the warm-started policy."""
     if cfg.sft.steps:
         rng = np.random.default_rng(cfg.seed)
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=cfg.sft.episodes)]
@@ -271,8 +275,18 @@ def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, stat
         logger.log({f"sft/{k}": v for k, v in stats.items()}, 0)
         state["results"]["sft"] = stats
         engine.update_weights()
+        if cfg.sft.save:
+            save_warm_start(model, tokenizer, run_dir / "warmstart", lora=cfg.lora.enabled)
     if cfg.eval.before_rl:
         state["results"]["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart")
+
+
+def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
+    """The warm-started policy as a plain transformers folder, so that RL runs (another
+    algorithm, learning rate, seed) can start from it with `model.name` and no SFT."""
+    plain = merge_lora(copy.deepcopy(model)) if lora else model  # merge a copy: training goes on
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run over an old run folder
+    save_model_folder(plain, tokenizer, out)
 
 
 def _evaluate_all(cfg: RunConfig, engine, tokenizer, logger, progress, step: int, tag: str) -> dict[str, Any]:

@@ -39,12 +39,10 @@ def tiny_recipe(tmp_path, **sections):
 @pytest.fixture(scope="module")
 def warm_model(tmp_path_factory):
     """A warm-started tiny model folder: what LoRA adapts (LoRA cannot learn from random weights)."""
-    from looprl.train.export import export
-
     root = tmp_path_factory.mktemp("warm")
     cfg = tiny_recipe(root, train={"steps": 0})
     train(cfg)
-    return export(cfg.run_dir, root / "model")
+    return cfg.run_dir / "warmstart"
 
 
 def lora_recipe(tmp_path, warm_model, **sections):
@@ -104,6 +102,39 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, warm_model):
     for key in state_a:
         torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=0, msg=key)
     assert rl_records(part.run_dir) == rl_records(whole.run_dir)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_warm_start_is_saved_as_a_model_folder_that_is_the_step_0_policy(tmp_path, warm_model, lora):
+    from transformers import AutoModelForCausalLM
+
+    from looprl.train.export import load_trained_policy
+    from looprl.train.models import load_policy
+
+    # With LoRA, SFT trains an adapter on the warm model; the folder holds it merged.
+    lora_on_warm = {"model": {"name": str(warm_model), "tiny": {}}, "lora": {"enabled": True}}
+
+    def make(path, **sections):
+        return tiny_recipe(path, **(lora_on_warm if lora else {}), **sections)
+
+    cfg = make(tmp_path, sft={"steps": 10}, train={"steps": 0})
+    train(cfg)
+    folder = cfg.run_dir / "warmstart"
+    saved = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert not any("lora" in name for name, _ in saved.named_parameters())
+    policy, tokenizer, _ = load_trained_policy(cfg.run_dir)  # the step-0 checkpoint
+    ids = torch.tensor([tokenizer.encode("Compute 1 + 2.", add_special_tokens=False)])
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+        torch.testing.assert_close(saved(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
+    # SFT changed the model, so the comparison could fail.
+    start, _, _ = load_policy(str(warm_model), None) if lora else load_policy("looprl/tiny", TINY)
+    with torch.no_grad():
+        assert (start(input_ids=ids).logits - expected).abs().max().item() > 1e-2
+    # A run that does no SFT writes no warm-start folder.
+    again = make(tmp_path / "again", sft={"steps": 0}, train={"steps": 0})
+    train(again)
+    assert not (again.run_dir / "warmstart").exists()
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
