@@ -125,6 +125,12 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
         self._success = success
         self._terminated = True
 
+    def _out_of_turns(self) -> str | None:
+        """Called once when the episode runs out of turns without ending. A subclass that
+        grades unfinished work sets this turn's reward and success here (`_add_reward`,
+        `_success`) and returns the text the agent is told; the default grades nothing."""
+        return None
+
     def _add_reward(self, reward: float) -> None:
         """Called by a tool to add `reward` to this turn's reward without ending the episode.
 
@@ -213,14 +219,16 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
         self._turn += 1
         self._reward = 0.0
         text = action if isinstance(action, str) else ""
-        messages = [
-            {"role": "tool", "name": name, "content": _valid_utf8(content)}
-            for name, content in self._run_turn(action)
-        ]
+        results = self._run_turn(action)
+        self._truncated = not self._terminated and self._turn >= self.max_turns
+        if self._truncated:
+            verdict = self._out_of_turns()
+            if verdict is not None:
+                results.append(("out_of_turns", verdict))
+        messages = [{"role": "tool", "name": name, "content": _valid_utf8(content)} for name, content in results]
         if self._recording:  # a replay returns the whole conversation; see `__init__`
             self._messages.append({"role": "assistant", "content": text})
             self._messages.extend(dict(m) for m in messages)
-        self._truncated = not self._terminated and self._turn >= self.max_turns
         obs = _fit("\n".join(m["content"] for m in messages), self.max_text_length)
         return obs, self._reward, self._terminated, self._truncated, self._step_info(messages)
 

@@ -81,6 +81,11 @@ class CodeEnv(ToolEnv):
         num_visible: Examples shown in the prompt and run by `run_tests` (1-10).
         num_hidden: Hidden tests that grade a submission (1-100).
         max_turns: Turns before the episode is truncated.
+        grade_unsubmitted: When the turns run out before a submission, grade the code last
+            given to `run_tests` as if it had been submitted (as AppWorld and SWE-bench grade
+            the state an agent leaves, submitted or not); False gives such episodes 0. With 0,
+            an agent that tests first risks a zero that submitting untested code does not, so
+            RL on the partial-credit reward learns to skip `run_tests`.
         timeout_s: Wall-clock seconds per sandbox run (interpreter start included).
         memory_mb: Address-space limit of the sandboxed process, in MiB.
 
@@ -93,7 +98,8 @@ class CodeEnv(ToolEnv):
     )
     reward_description: ClassVar[str] = (
         "The fraction of hidden tests the submitted code passes (0.0 to 1.0); submit ends "
-        "the episode, and without it the reward is 0."
+        "the episode. If the turns run out first, the code last given to run_tests is graded "
+        "(grade_unsubmitted=False: the reward is 0)."
     )
     system_prompt: ClassVar[str] = (
         "Write the Python function the user asks for (standard library only). Check it with "
@@ -108,10 +114,14 @@ class CodeEnv(ToolEnv):
         num_visible: int = 3,
         num_hidden: int = 10,
         max_turns: int = 6,
+        grade_unsubmitted: bool = True,
         timeout_s: float = 2.0,
         memory_mb: int = 256,
     ) -> None:
         _check_settings(split, difficulty, num_visible, num_hidden, timeout_s)
+        if not isinstance(grade_unsubmitted, bool):
+            raise ValueError(f"Expect `grade_unsubmitted` to be a bool, actually: {grade_unsubmitted!r}")
+        self.grade_unsubmitted = grade_unsubmitted
         self.split = split
         self.difficulty = difficulty
         self.num_visible = num_visible
@@ -119,6 +129,7 @@ class CodeEnv(ToolEnv):
         self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=memory_mb)
         self._problems = _problems(_select_families(difficulty, families), split)
         self._visible_passed = False
+        self._last_tested: str | None = None
         super().__init__(tools=[Tool(self.run_tests), Tool(self.submit)], max_turns=max_turns)
 
     # --- tools -------------------------------------------------------------------
@@ -132,6 +143,7 @@ class CodeEnv(ToolEnv):
         code, problem = _prepared(code, self.task.family)
         if problem is not None:
             return f"Error: {problem}"
+        self._last_tested = code
         examples = self.task.visible
         result = self._run(code, examples)
         passed = _passed(result, examples)
@@ -147,11 +159,15 @@ class CodeEnv(ToolEnv):
         code, problem = _prepared(code, self.task.family)
         if problem is not None:
             return f"Error: {problem} Nothing was submitted."
+        passed, why = self._grade(code)
+        self._end_episode(reward=passed / self.num_hidden, success=passed == self.num_hidden)
+        return f"Submitted: {passed}/{self.num_hidden} hidden tests passed.{why}"
+
+    def _grade(self, code: str) -> tuple[int, str]:
+        """Hidden tests passed by `code`, and why not all of them ("" if all)."""
         examples = self.task.hidden
         result = self._run(code, examples)
-        passed = sum(_passed(result, examples))
-        self._end_episode(reward=passed / len(examples), success=passed == len(examples))
-        return f"Submitted: {passed}/{len(examples)} hidden tests passed.{_why_not_all(result)}"
+        return sum(_passed(result, examples)), _why_not_all(result)
 
     # --- ToolEnv -----------------------------------------------------------------
 
@@ -191,6 +207,17 @@ class CodeEnv(ToolEnv):
 
     def _start_episode(self, task: Task) -> None:
         self._visible_passed = False
+        self._last_tested = None
+
+    def _out_of_turns(self) -> str | None:
+        if not self.grade_unsubmitted:
+            return None
+        if self._last_tested is None:
+            return "Out of turns: no code was tested, so nothing was graded."
+        passed, why = self._grade(self._last_tested)
+        self._add_reward(passed / self.num_hidden)
+        self._success = passed == self.num_hidden
+        return f"Out of turns: the code last tested was graded: {passed}/{self.num_hidden} hidden tests passed.{why}"
 
     def oracle_action(self) -> str:
         """Runs the reference solution on the examples, then submits it."""

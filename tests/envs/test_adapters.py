@@ -503,10 +503,12 @@ def test_reward_values(fn, completion, answer, reward):
 
 @pytest.mark.parametrize("fn", [exact_match, contains, numeric_match])
 def test_rewards_are_fast_and_total_on_hostile_text(fn):
+    # Linear time takes milliseconds here; catastrophic regex backtracking on a million
+    # characters takes hours. The bound is far from both, so a loaded machine cannot fail it.
     for text in ("1" * 1_000_000, "1," * 500_000, "\ud800 ∑ 🚀" * 10_000, "-" * 1_000_000, ""):
         start = time.perf_counter()
         assert fn(text, "12") in (0.0, 1.0)
-        assert time.perf_counter() - start < 2
+        assert time.perf_counter() - start < 60
 
 
 def test_last_number_reads_the_last_one():

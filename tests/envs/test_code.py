@@ -164,6 +164,38 @@ def test_a_bad_submit_does_not_end_the_episode():
     assert call(env, "submit", SUM_LARGEST)[1] == 1.0
 
 
+def test_out_of_turns_grades_the_code_last_tested():
+    partly = "def sum_largest(nums):\n    return sum(nums)\n"  # right for short lists only
+    env = started(max_turns=3)
+    call(env, "run_tests", SUM_LARGEST)
+    call(env, "submit", "")  # not a submission: the code stays untested
+    obs, reward, terminated, truncated, info = call(env, "run_tests", partly)
+    expected = sum(sum(args[0]) == value for args, value in env.task.hidden)
+    assert 0 < expected < 10
+    assert (reward, terminated, truncated, info["success"]) == (expected / 10, False, True, False)
+    assert obs.endswith(f"Out of turns: the code last tested was graded: {expected}/10 hidden tests passed.")
+    assert info["messages"][-1]["name"] == "out_of_turns"
+
+    env = started(max_turns=2)
+    call(env, "run_tests", partly)
+    _, reward, _, truncated, info = call(env, "run_tests", SUM_LARGEST)
+    assert (reward, truncated, info["success"]) == (1.0, True, True)
+
+
+def test_out_of_turns_without_tested_code_or_grading_earns_nothing():
+    env = started(max_turns=1)
+    obs, reward, _, truncated, info = env.step("no tool call")
+    assert (reward, truncated, info["success"]) == (0.0, True, False)
+    assert obs.endswith("Out of turns: no code was tested, so nothing was graded.")
+
+    env = started(max_turns=1, grade_unsubmitted=False)
+    obs, reward, _, truncated, info = call(env, "run_tests", SUM_LARGEST)
+    assert (reward, truncated, info["success"]) == (0.0, True, False)
+    assert "Out of turns" not in obs and len(info["messages"]) == 1
+    with pytest.raises(ValueError, match="`grade_unsubmitted` to be a bool"):
+        make(grade_unsubmitted="yes")
+
+
 @pytest.mark.parametrize(
     "code",
     [
