@@ -84,8 +84,7 @@ class CodeEnv(ToolEnv):
         grade_unsubmitted: When the turns run out before a submission, grade the code last
             given to `run_tests` as if it had been submitted (as AppWorld and SWE-bench grade
             the state an agent leaves, submitted or not); False gives such episodes 0. With 0,
-            an agent that tests first risks a zero that submitting untested code does not, so
-            RL on the partial-credit reward learns to skip `run_tests`.
+            an agent that tests first risks a zero that submitting untested code does not.
         timeout_s: Wall-clock seconds per sandbox run (interpreter start included).
         memory_mb: Address-space limit of the sandboxed process, in MiB.
 
