@@ -552,11 +552,15 @@ class SqlEnv(ToolEnv):
             difficulty = self.difficulty[int(rng.integers(len(self.difficulty)))]
             templates = [t for t in schema.templates if t.difficulty == difficulty]
             template = templates[int(rng.integers(len(templates)))]
-            values = {
-                k: options[int(rng.integers(len(options)))]
-                for k, options in template.params.items()
-            }
             data_seed = int(rng.integers(NUM_DATA_SEEDS))
+            # Names only among those the database holds: drawn from the whole pool, most
+            # would be rejected below as degenerate, and templates with a few fixed values
+            # (years, statuses) would crowd out the others.
+            held = _text_values(schema.rows(data_seed))
+            values = {}
+            for k, options in template.params.items():
+                present = [v for v in options if not isinstance(v, str) or v in held] or options
+                values[k] = present[int(rng.integers(len(present)))]
             if split_of(_question_key(schema, template, values)) != self.split:
                 continue
             task = self._make_task(schema, data_seed, template, values)
@@ -737,6 +741,11 @@ def _check_schemas(schemas: Any) -> tuple[str, ...]:
             f"Expect `schemas` to be a non-empty list of names from {known}, actually: {schemas!r}"
         )
     return tuple(n for n in known if n in names)
+
+
+def _text_values(tables: dict[str, list[Row]]) -> set[str]:
+    """Every text value in the rows of `tables`."""
+    return {value for rows in tables.values() for row in rows for value in row if isinstance(value, str)}
 
 
 def _check_settings(split: Any, max_rows: Any, timeout_s: Any, max_vm_steps: Any) -> None:

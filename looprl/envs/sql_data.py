@@ -3,8 +3,9 @@
 Three schemas (a shop, a school, a library), each with a row generator and question
 templates at three difficulties: 1 single-table filters and counts, 2 aggregation
 (GROUP BY, HAVING) and ORDER BY ... LIMIT on one table, 3 joins across 2-3 tables.
-Every template has a gold SQL query; its parameters come from fixed vocabularies, so a
-question is named by `(schema, template, params)` and its database by a data seed.
+Every template has a gold SQL query; its parameters come from fixed pools, of which each
+database draws a few values (see `CITIES`), so a question is named by
+`(schema, template, params)` and its database by a data seed.
 
 Rows come from `Draw`, which uses only `random.Random.random()` on a string seed: the
 one part of the standard library's generator Python promises to keep stable across
@@ -22,13 +23,35 @@ from typing import Any
 
 Row = tuple[Any, ...]
 
-CITIES = ("Bordeaux", "Lille", "Lyon", "Nantes", "Nice", "Paris")
-CATEGORIES = ("books", "games", "garden", "kitchen", "music", "sports")
+# Each database draws its cities, categories, majors, terms, countries and genres from
+# these pools (`PER_DATABASE` of each), and questions name any value of a pool. With six
+# fixed values a slot, a small model learned each template's few values by heart instead
+# of copying the one the question names, and missed every held-out question whose value
+# that template had never shown it (a value named in no database's rows makes a
+# degenerate question, which `SqlEnv` does not pose).
+CITIES = (
+    "Amiens", "Angers", "Annecy", "Avignon", "Bordeaux", "Brest", "Caen", "Dijon",
+    "Grenoble", "Lille", "Limoges", "Lyon", "Marseille", "Metz", "Montpellier", "Mulhouse",
+    "Nancy", "Nantes", "Nice", "Nimes", "Orleans", "Paris", "Perpignan", "Reims", "Rennes",
+    "Rouen", "Strasbourg", "Toulon", "Toulouse", "Tours",
+)  # fmt: skip
 STATUSES = ("cancelled", "delivered", "pending", "shipped")
-MAJORS = ("Biology", "Chemistry", "Economics", "History", "Mathematics", "Physics")
-TERMS = ("2022-fall", "2023-spring", "2023-fall", "2024-spring")
-COUNTRIES = ("Brazil", "Canada", "France", "India", "Japan", "Nigeria")
-GENRES = ("fantasy", "history", "mystery", "poetry", "romance", "science")
+MAJORS = (
+    "Anthropology", "Art", "Biology", "Chemistry", "Computing", "Economics", "Geography",
+    "Geology", "History", "Law", "Linguistics", "Literature", "Mathematics", "Music",
+    "Philosophy", "Physics", "Psychology", "Sociology",
+)  # fmt: skip
+TERMS = tuple(f"{year}-{season}" for year in range(2019, 2025) for season in ("spring", "fall"))
+COUNTRIES = (
+    "Argentina", "Australia", "Brazil", "Canada", "Chile", "Egypt", "France", "Germany",
+    "Ghana", "India", "Ireland", "Italy", "Japan", "Kenya", "Mexico", "Nigeria", "Norway",
+    "Peru", "Poland", "Portugal", "Spain", "Sweden", "Turkey", "Vietnam",
+)  # fmt: skip
+GENRES = (
+    "adventure", "biography", "comedy", "crime", "drama", "fantasy", "history", "horror",
+    "mystery", "philosophy", "poetry", "romance", "science", "thriller", "travel", "western",
+)  # fmt: skip
+PER_DATABASE = 6  # cities, categories, majors, countries and genres (terms: 4 in a row)
 
 FIRST_NAMES = (
     "Ada", "Ben", "Chloe", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas",
@@ -40,13 +63,26 @@ LAST_NAMES = (
 )  # fmt: skip
 PEOPLE = tuple(f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES)
 PRODUCT_NOUNS = {
+    "audio": ("Speaker", "Headphones", "Radio", "Microphone"),
+    "baby": ("Stroller", "Crib", "Rattle", "Bib"),
+    "beauty": ("Hair Dryer", "Mirror", "Brush", "Perfume"),
+    "bikes": ("Bell", "Pump", "Bike Lock", "Saddle"),
     "books": ("Atlas", "Cookbook", "Novel", "Guide"),
+    "camping": ("Tent", "Lantern", "Sleeping Bag", "Stove"),
+    "crafts": ("Easel", "Paint Set", "Yarn", "Glue Gun"),
     "games": ("Puzzle", "Card Game", "Board Game", "Dice Set"),
     "garden": ("Rake", "Planter", "Hose", "Shovel"),
     "kitchen": ("Kettle", "Blender", "Pan", "Toaster"),
+    "lighting": ("Lamp", "Candle", "Bulb", "String Lights"),
     "music": ("Ukulele", "Harmonica", "Drum", "Metronome"),
+    "office": ("Stapler", "Notebook", "Desk Lamp", "Pen Set"),
+    "pets": ("Leash", "Cat Bed", "Bowl", "Aquarium"),
     "sports": ("Ball", "Racket", "Helmet", "Yoga Mat"),
+    "tools": ("Hammer", "Drill", "Wrench", "Saw"),
+    "toys": ("Kite", "Robot", "Yo-Yo", "Teddy Bear"),
+    "travel": ("Suitcase", "Backpack", "Pillow", "Adapter"),
 }
+CATEGORIES = tuple(PRODUCT_NOUNS)
 ADJECTIVES = ("Blue", "Classic", "Compact", "Deluxe", "Golden", "Quiet", "Red", "Swift")
 TITLE_WORDS = ("Silent", "Hidden", "Last", "Broken", "Golden", "Endless", "Winter", "Lost")
 TITLE_NOUNS = ("River", "Garden", "Star", "Map", "Letter", "Harbor", "Forest", "Clock", "Door")
@@ -208,9 +244,13 @@ SHOP_TABLES = (
 
 def _shop_rows(draw: Draw) -> dict[str, list[Row]]:
     people = draw.sample(PEOPLE, draw.integer(30, 40))
-    customers = [(name, draw.choice(CITIES), draw.integer(2019, 2024)) for name in people]
+    cities = draw.sample(CITIES, PER_DATABASE)
+    customers = [(name, draw.choice(cities), draw.integer(2019, 2024)) for name in people]
     catalog = [
-        (c, f"{a} {n}") for c, nouns in PRODUCT_NOUNS.items() for n in nouns for a in ADJECTIVES
+        (c, f"{a} {n}")
+        for c in sorted(draw.sample(CATEGORIES, PER_DATABASE))
+        for n in PRODUCT_NOUNS[c]
+        for a in ADJECTIVES
     ]
     products = [
         (name, category, draw.integer(299, 14999) / 100)
@@ -433,15 +473,18 @@ SCHOOL_TABLES = (
 
 def _school_rows(draw: Draw) -> dict[str, list[Row]]:
     people = draw.sample(PEOPLE, draw.integer(40, 55))
-    students = [(name, draw.choice(MAJORS), draw.integer(1, 4)) for name in people]
-    catalog = [(f"{kind} {major}", major) for major in MAJORS for kind in COURSE_KINDS]
+    majors = sorted(draw.sample(MAJORS, PER_DATABASE))
+    first_term = draw.integer(0, len(TERMS) - 4)
+    terms = TERMS[first_term : first_term + 4]
+    students = [(name, draw.choice(majors), draw.integer(1, 4)) for name in people]
+    catalog = [(f"{kind} {major}", major) for major in majors for kind in COURSE_KINDS]
     courses = [
         (title, department, draw.integer(2, 6))
         for title, department in draw.sample(catalog, draw.integer(16, 20))
     ]
     pairs = [(s, c) for s in range(1, len(students) + 1) for c in range(1, len(courses) + 1)]
     enrollments = [
-        (s, c, draw.choice(TERMS), None if draw.chance(0.1) else draw.integer(35, 100))
+        (s, c, draw.choice(terms), None if draw.chance(0.1) else draw.integer(35, 100))
         for s, c in draw.sample(pairs, draw.integer(130, 170))
     ]
     enrollments.sort(key=lambda e: (TERMS.index(e[2]), e[0], e[1]))
@@ -654,14 +697,17 @@ LIBRARY_TABLES = (
 def _library_rows(draw: Draw) -> dict[str, list[Row]]:
     people = draw.sample(PEOPLE, draw.integer(36, 48))
     num_authors = draw.integer(12, 18)
-    authors = [(name, draw.choice(COUNTRIES)) for name in people[:num_authors]]
-    members = [(name, draw.choice(CITIES)) for name in people[num_authors:]]
+    countries = draw.sample(COUNTRIES, PER_DATABASE)
+    cities = draw.sample(CITIES, PER_DATABASE)
+    genres = draw.sample(GENRES, PER_DATABASE)
+    authors = [(name, draw.choice(countries)) for name in people[:num_authors]]
+    members = [(name, draw.choice(cities)) for name in people[num_authors:]]
     catalog = [f"The {word} {noun}" for word in TITLE_WORDS for noun in TITLE_NOUNS]
     books = [
         (
             title,
             draw.integer(1, len(authors)),
-            draw.choice(GENRES),
+            draw.choice(genres),
             draw.integer(1950, 2023),
             draw.integer(80, 900),
         )

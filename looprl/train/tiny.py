@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TINY_PREFIX = "looprl/tiny"
-BUILD_VERSION = 2  # bump when the tokenizer corpus or template changes
+BUILD_VERSION = 3  # bump when the tokenizer corpus or template changes (3: SQL-v0 value pools)
 # Environments whose expert episodes train the tokenizer, by default. Named, not "every
 # registered environment": registering a new one must not silently change the tiny model.
 # A recipe for another world names its own corpus (`model.tiny.corpus`).

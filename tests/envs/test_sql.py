@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import time
+from collections import Counter
 
 import gymnasium
 import pytest
@@ -26,7 +27,7 @@ from looprl.envs.sql import (
     results_match,
     split_of,
 )
-from looprl.envs.sql_data import SCHEMAS, Draw
+from looprl.envs.sql_data import CATEGORIES, CITIES, COUNTRIES, GENRES, MAJORS, SCHEMAS, TERMS, Draw
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="SQL-v0 needs Python 3.11")
 
@@ -34,7 +35,7 @@ LYON = "sql:shop:0:customers_in_city:city=Lyon"  # train split; 1 column, 1 row
 CHEAPEST = "sql:shop:0:cheapest_products:k=3"  # train split; asks for an order
 PER_CITY = "sql:shop:0:customers_per_city_since:year=2020"  # train split; GROUP BY
 QUANTITY = "sql:shop:0:quantity_stats_in_year:year=2024"  # train split; MIN, MAX, AVG
-NICE = "sql:shop:0:customers_in_city:city=Nice"  # test split
+BREST = "sql:shop:0:customers_in_city:city=Brest"  # test split
 
 
 def make(**kwargs) -> SqlEnv:
@@ -130,8 +131,8 @@ def test_the_database_accepts_ordinary_read_queries():
 def test_the_step_budget_is_deterministic_and_counts_python_wrapped_calls():
     database = shop_database(max_vm_steps=200_000)
     cheap = "SELECT strftime('%Y', order_date) FROM orders"
-    assert len(database.query(cheap, 1000)[1]) == 105
-    wrapped = (  # 105 * 105 calls of strftime: 11M steps, though few VM instructions
+    assert len(database.query(cheap, 1000)[1]) == 88
+    wrapped = (  # 88 * 88 calls of strftime: 8M steps, though few VM instructions
         "SELECT COUNT(*) FROM orders a, orders b "
         "WHERE strftime('%Y', a.order_date, '+' || b.id || ' days') > ''"
     )
@@ -163,14 +164,14 @@ def test_invalid_utf8_text_is_shown_with_replacement_characters():
 
 def test_list_tables_shows_every_table_with_its_rows():
     obs, reward, terminated = call(started(), "list_tables")
-    assert obs == "customers (31 rows)\nproducts (29 rows)\norders (105 rows)"
+    assert obs == "customers (31 rows)\nproducts (29 rows)\norders (88 rows)"
     assert (reward, terminated) == (0.0, False)
 
 
 def test_describe_table_shows_columns_references_and_first_rows():
     obs = call(started(), "describe_table", name=" Orders ")[0]
     assert obs.splitlines() == [
-        "Table orders (105 rows), columns:",
+        "Table orders (88 rows), columns:",
         "  id INTEGER PRIMARY KEY",
         "  customer_id INTEGER REFERENCES customers(id)",
         "  product_id INTEGER REFERENCES products(id)",
@@ -179,7 +180,7 @@ def test_describe_table_shows_columns_references_and_first_rows():
         "  status TEXT",
         "First 3 rows:",
         "id | customer_id | product_id | quantity | order_date | status",
-        "1 | 24 | 22 | 3 | 2021-03-11 | delivered",
+        "1 | 22 | 20 | 3 | 2021-01-08 | delivered",
         *obs.splitlines()[10:],
     ]
     assert len(obs.splitlines()) == 12
@@ -380,7 +381,7 @@ def test_the_prompt_is_the_question_and_the_task_id_restores_it():
     env = make()
     obs, info = env.reset(options={"task": LYON})
     assert obs == "Database: shop (SQLite).\nQuestion: How many customers live in Lyon?"
-    assert info["task_id"] == LYON and env.task.expected == ((5,),)
+    assert info["task_id"] == LYON and env.task.expected == ((11,),)
     assert len(info["messages"][0]["content"]) < 250
 
 
@@ -409,9 +410,9 @@ def test_templates_are_well_formed():
 
 def test_data_is_stable_across_runs_and_differs_across_seeds():
     rows = SCHEMAS["shop"].rows(0)
-    assert rows["customers"][0] == (1, "Pablo Dubois", "Nantes", 2022)
-    assert rows["products"][0] == (1, "Compact Planter", "garden", 95.23)
-    assert rows["orders"][0] == (1, 24, 22, 3, "2021-03-11", "delivered")
+    assert rows["customers"][0] == (1, "Pablo Dubois", "Paris", 2019)
+    assert rows["products"][0] == (1, "Swift Bowl", "pets", 123.34)
+    assert rows["orders"][0] == (1, 22, 20, 3, "2021-01-08", "delivered")
     assert SCHEMAS["shop"].rows(1) != rows and SCHEMAS["shop"].rows(0) == rows
     draw = Draw("x")
     assert (draw.integer(1, 6), draw.choice("abc"), draw.sample(range(10), 3)) == (
@@ -419,6 +420,46 @@ def test_data_is_stable_across_runs_and_differs_across_seeds():
         "b",
         [4, 7, 5],
     )
+
+
+@pytest.mark.parametrize(
+    ("schema", "table", "column", "pool"),
+    [
+        ("shop", "customers", 2, CITIES),
+        ("shop", "products", 2, CATEGORIES),
+        ("school", "students", 2, MAJORS),
+        ("school", "enrollments", 3, TERMS),
+        ("library", "authors", 2, COUNTRIES),
+        ("library", "books", 3, GENRES),
+        ("library", "members", 2, CITIES),
+    ],
+)
+def test_each_database_draws_a_few_values_of_a_wider_pool(schema, table, column, pool):
+    """Questions name values of the whole pool, so none can be answered from memory of a few."""
+    held = [{row[column] for row in SCHEMAS[schema].rows(seed)[table]} for seed in range(40)]
+    assert all(values <= set(pool) and 2 <= len(values) <= 6 for values in held)
+    assert len(set().union(*held)) == len(pool) >= 12
+    slots = {"shop": ("city", "category"), "school": ("major", "department", "term"),
+             "library": ("country", "genre", "city")}[schema]  # fmt: skip
+    for template in SCHEMAS[schema].templates:
+        for name, options in template.params.items():
+            if name in slots:
+                assert len(options) >= 12, (template.name, name)
+
+
+def test_questions_name_values_their_database_holds_and_no_template_crowds_out_others():
+    env = make(split="test", difficulty=1)
+    drawn = Counter()
+    for seed in range(400):
+        env.reset(seed=seed)
+        task = env.task
+        drawn[task.template] += 1
+        rows = SCHEMAS[task.schema].rows(task.data_seed)
+        held = {v for table in rows.values() for row in table for v in row}
+        assert all(value in held for _, value in task.params if isinstance(value, str)), task.task_id
+    templates = [t for schema in SCHEMAS.values() for t in schema.templates if t.difficulty == 1]
+    assert len(drawn) == len(templates)
+    assert max(drawn.values()) < 3 * 400 / len(templates)  # names drawn from a whole pool: 6x
 
 
 def test_train_and_test_questions_are_disjoint():
@@ -457,8 +498,8 @@ def test_tasks_follow_difficulty_and_schemas():
         ("sql:shop:0:customers_in_town:city=Lyon", "no template 'customers_in_town' in shop"),
         ("sql:shop:0:customers_in_city:town=Lyon", "expected parameters 'city=<value>'"),
         ("sql:shop:0:customers_in_city:", "expected parameters 'city=<value>', got ''"),
-        ("sql:shop:0:customers_in_city:city=Rome", "city='Rome' is not one of: Bordeaux"),
-        (NICE, "its question belongs to the 'test' split, not 'train'"),
+        ("sql:shop:0:customers_in_city:city=Rome", "city='Rome' is not one of: Amiens"),
+        (BREST, "its question belongs to the 'test' split, not 'train'"),
         ("sql:shop:0:cheapest_products:k=3", "its difficulty is 2, not one of \\[1\\]"),
         ("sql:shop:2:customers_in_city:city=Nice", "belongs to the 'test' split"),
     ],
@@ -488,8 +529,8 @@ def test_difficulty_1_has_too_many_questions_to_memorise():
 
 
 def test_the_test_split_poses_its_own_tasks():
-    obs, info = make(split="test").reset(options={"task": NICE})
-    assert info["task_id"] == NICE and "Nice" in obs
+    obs, info = make(split="test").reset(options={"task": BREST})
+    assert info["task_id"] == BREST and "Brest" in obs
 
 
 @pytest.mark.parametrize(
