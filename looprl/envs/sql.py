@@ -14,6 +14,7 @@ so no held-out question is trained on, over any data seed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import re
@@ -556,7 +557,7 @@ class SqlEnv(ToolEnv):
             # Names only among those the database holds: drawn from the whole pool, most
             # would be rejected below as degenerate, and templates with a few fixed values
             # (years, statuses) would crowd out the others.
-            held = _text_values(schema.rows(data_seed))
+            held = _text_values(_rows(schema.name, data_seed))
             values = {}
             for k, options in template.params.items():
                 present = [v for v in options if not isinstance(v, str) or v in held] or options
@@ -627,7 +628,7 @@ class SqlEnv(ToolEnv):
                 self._database.close()
             self._database = ReadOnlyDatabase(
                 SCHEMAS[schema].tables,
-                SCHEMAS[schema].rows(data_seed),
+                _rows(schema, data_seed),
                 max_vm_steps=self.max_vm_steps,
                 timeout_s=self.timeout_s,
             )
@@ -741,6 +742,12 @@ def _check_schemas(schemas: Any) -> tuple[str, ...]:
             f"Expect `schemas` to be a non-empty list of names from {known}, actually: {schemas!r}"
         )
     return tuple(n for n in known if n in names)
+
+
+@functools.lru_cache(maxsize=4)
+def _rows(schema: str, data_seed: int) -> dict[str, list[Row]]:
+    """`SCHEMAS[schema].rows(data_seed)`, kept for the task draw and then the episode (read only)."""
+    return SCHEMAS[schema].rows(data_seed)
 
 
 def _text_values(tables: dict[str, list[Row]]) -> set[str]:
