@@ -253,7 +253,7 @@ def start_run(cfg: RunConfig):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     engine = HFEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                      prefix_cache=cfg.rollout.prefix_cache)
+                      turn_wait_s=cfg.rollout.turn_wait_s, prefix_cache=cfg.rollout.prefix_cache)
     return model, tokenizer, run_dir, engine
 
 
