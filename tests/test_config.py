@@ -57,6 +57,7 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     ("lora.enabled=maybe", "lora.enabled: Input should be a valid boolean (got 'maybe')"),
     ("rollout.group_size=1", "rollout.group_size: Input should be greater than or equal to 2 (got 1)"),
     ("algorithm.ratio_level=step", "algorithm.ratio_level: Input should be 'token', 'turn' or 'trajectory'"),
+    ("rollout.turn_wait_s=-1", "rollout.turn_wait_s: Input should be greater than or equal to 0 (got -1)"),
 ])
 def test_bad_value_names_key_path_and_expectation(override, expected):
     with pytest.raises(ConfigError) as info:

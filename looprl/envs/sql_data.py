@@ -23,12 +23,11 @@ from typing import Any
 
 Row = tuple[Any, ...]
 
-# Each database draws its cities, categories, majors, terms, countries and genres from
-# these pools (`PER_DATABASE` of each), and questions name any value of a pool. With six
-# fixed values a slot, a small model learned each template's few values by heart instead
-# of copying the one the question names, and missed every held-out question whose value
-# that template had never shown it (a value named in no database's rows makes a
-# degenerate question, which `SqlEnv` does not pose).
+# Each database draws its cities, categories, majors, countries and genres from these
+# pools (`PER_DATABASE` of each; terms: 4 in a row), and a question names one its database
+# holds (`SqlEnv._generate_task`). With six fixed values a slot, a small model learned each
+# template's few values by heart instead of copying the one the question names, and
+# missed every held-out question whose value that template had never shown it.
 CITIES = (
     "Amiens", "Angers", "Annecy", "Avignon", "Bordeaux", "Brest", "Caen", "Dijon",
     "Grenoble", "Lille", "Limoges", "Lyon", "Marseille", "Metz", "Montpellier", "Mulhouse",

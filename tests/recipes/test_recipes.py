@@ -231,3 +231,10 @@ def test_kl_without_lora_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="KL penalty needs lora.enabled=true"):
         train(tiny_recipe(tmp_path, algorithm={"name": "grpo", "kl_coef": 0.1, "filter_zero_variance": False}))
     assert not (tmp_path / "t").exists()
+
+
+def test_the_engine_waits_for_tool_calls_as_long_as_the_config_says(tmp_path):
+    from looprl.train.trainer import start_run
+
+    engine = start_run(tiny_recipe(tmp_path, rollout={"turn_wait_s": 7.5}))[3]
+    assert engine.turn_wait_s == 7.5
