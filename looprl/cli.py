@@ -41,12 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model, run or checkpoint on an environment")
     p.add_argument("--model", required=True, help="looprl/tiny, HF model id or folder, run folder or checkpoint")
     p.add_argument("--env", required=True, help="environment id, e.g. looprl/Calc-v0")
-    p.add_argument("--episodes", type=int, default=100, help="number of held-out episodes")
+    p.add_argument("kwargs", nargs="*", help="env kwargs as key=value, as in the recipe (e.g. difficulty=1)")
+    p.add_argument("--episodes", type=int, default=100, help="number of held-out episodes (seeds 0..N-1)")
     p.add_argument("--split", default="test", help="task split (Calc-v0: train or test)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens in one turn")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens in one episode")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", help="JSON report path (default: next to the model)")
+    p.add_argument("--baseline", help="an earlier report on the same tasks: print the paired change from it")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="merge LoRA and write a transformers model folder")
@@ -92,6 +95,8 @@ def _train(args) -> int:
 
 
 def _print_results(results: dict) -> None:
+    from looprl.train.evaluate import describe_change
+
     table = Table(title="held-out success")
     table.add_column("policy")
     table.add_column("sampled")
@@ -101,6 +106,9 @@ def _print_results(results: dict) -> None:
         cells = [f"{res[m]['success_rate']:.1%} ± {res[m]['success_stderr']:.1%}" if m in res else "-"
                  for m in ("sampled", "greedy")]
         table.add_row(label, *cells)
+    if change := results.get("change"):
+        table.add_row("change (paired)", *(describe_change(change[m]) if m in change else "-"
+                                           for m in ("sampled", "greedy")))
     console.print(table)
 
 
@@ -109,25 +117,51 @@ def _eval(args) -> int:
 
     from looprl.envs import make_env
     from looprl.rollout.engine import HFEngine
-    from looprl.train.evaluate import evaluate
+    from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
 
-    make_env(args.env, split=args.split).close()  # unknown id or split: fail before loading a model
+    env_kwargs = {**_env_kwargs(args.kwargs), "split": args.split}
+    make_env(args.env, **env_kwargs).close()  # unknown id, kwargs or split: fail before loading a model
+    baseline = _read_baseline(args.baseline, args.env, env_kwargs, args.episodes) if args.baseline else None
     torch.set_num_threads(args.threads)
     model, tokenizer, report_dir = _load_for_eval(args.model)
     engine = HFEngine(model, tokenizer)
-    result = evaluate(engine, tokenizer, args.env, {"split": args.split}, args.episodes,
-                      temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    report = {"model": args.model, "env": args.env, "split": args.split,
-              "temperature": args.temperature, **result}
+    records = evaluate_episodes(engine, tokenizer, args.env, env_kwargs, args.episodes,
+                                temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                max_tokens=args.max_tokens)
+    result = summarize(records)
+    change = paired_change(baseline["records"], records) if baseline else None
+    report = {"model": args.model, "env": args.env, "split": args.split, "env_kwargs": env_kwargs,
+              "temperature": args.temperature, **result,
+              **({"baseline": args.baseline, "change": change} if change else {}), "records": records}
     name = f"eval_{args.env.replace('/', '_')}_{args.split}_t{args.temperature:g}.json"
     out = Path(args.out) if args.out else (report_dir or Path(".")) / name
     out.write_text(json.dumps(report, indent=2))
     table = Table(title=f"{args.model} on {args.env} ({args.split})")
     for key in ("episodes", "success_rate", "mean_return", "mean_turns", "mean_tokens"):
         table.add_row(key, f"{result[key]:.4g}")
+    if change:
+        table.add_row("change from baseline", describe_change(change))
     console.print(table)
     console.print(f"report: {out}")
     return 0
+
+
+def _read_baseline(path: str, env_id: str, env_kwargs: dict, episodes: int) -> dict:
+    """An earlier `looprl eval` report on the same environment and tasks."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--baseline {path}: cannot read a report ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("records"), list):
+        raise ValueError(f"--baseline {path}: not a looprl eval report with per-episode records")
+    theirs = (report.get("env"), report.get("env_kwargs"))
+    if theirs != (env_id, env_kwargs):
+        raise ValueError(f"--baseline {path} evaluated {theirs[0]} with {theirs[1]}, not {env_id} with "
+                         f"{env_kwargs}: its tasks differ")
+    if len(report["records"]) != episodes:
+        raise ValueError(f"--baseline {path} has {len(report['records'])} episodes, not --episodes {episodes}: "
+                         "a paired change needs the same tasks")
+    return report
 
 
 def _load_for_eval(name: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from looprl.train.trainer import _evaluate_all, start_run
+    from looprl.train.trainer import _evaluate_all, _paired_changes, start_run
 
     if resume:
         raise ValueError("--resume is not supported for offline DPO (algorithm.dataset): start the run again")
@@ -136,8 +137,9 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     )
     ref_model = None if cfg.lora.enabled else copy.deepcopy(model).requires_grad_(False)
     with RunProgress(enabled=cfg.progress) as progress:
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)  # no resume: always a fresh run
         if cfg.eval.before_rl:
-            results["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart")
+            results["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart", run_dir)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
                              processing_class=tokenizer, callbacks=[LogToRun()])
         output = trainer.train()
@@ -145,7 +147,9 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         engine.update_weights()
         step = trainer.state.global_step
         results["dpo"] = {"steps": step, "seconds": output.metrics.get("train_runtime"), "pairs": len(pairs)}
-        results["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, step, "final")
+        results["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, step, "final", run_dir)
+        if change := _paired_changes(cfg, logger, progress, step, run_dir):
+            results["change"] = change
     CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints).save(
         step, model_state=trainable_state(model), blocking=True,
         extra={"policy_version": engine.version, "config": cfg.model_dump(mode="json"), "results": results},

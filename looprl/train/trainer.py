@@ -15,6 +15,7 @@ import copy
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -36,7 +37,7 @@ from looprl.train.async_loop import AsyncRollouts, running
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.dpo_online import build_reference, dpo_step
-from looprl.train.evaluate import evaluate
+from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
 from looprl.train.exit import build_exit_sampler, exit_step, expert_env_factory
 from looprl.train.export import save_model_folder
 from looprl.train.metrics import MetricsLogger, init_wandb, rollout_metrics, step_timings
@@ -109,7 +110,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             save(blocking=True)
             logger.close()
             raise KeyboardInterrupt
-        state["results"]["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, state["step"], "final")
+        state["results"]["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, state["step"], "final",
+                                                  run_dir)
+        if change := _paired_changes(cfg, logger, progress, state["step"], run_dir):
+            state["results"]["change"] = change
         save(blocking=True)
     logger.close()
     (run_dir / "results.json").write_text(json.dumps(state["results"], indent=2))
@@ -259,6 +263,7 @@ def start_run(cfg: RunConfig):
 
 def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, state, run_dir: Path) -> None:
     """SFT on oracle episodes (saved to `run_dir/warmstart` if asked), then evaluate the warm-started policy."""
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)  # a fresh run over an old run folder
     if cfg.sft.steps:
         rng = np.random.default_rng(cfg.seed)
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=cfg.sft.episodes)]
@@ -278,7 +283,8 @@ def _warm_start(cfg: RunConfig, model, tokenizer, engine, logger, progress, stat
         if cfg.sft.save:
             save_warm_start(model, tokenizer, run_dir / "warmstart", lora=cfg.lora.enabled)
     if cfg.eval.before_rl:
-        state["results"]["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart")
+        state["results"]["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart",
+                                                      run_dir)
 
 
 def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
@@ -289,20 +295,53 @@ def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
     save_model_folder(plain, tokenizer, out)
 
 
-def _evaluate_all(cfg: RunConfig, engine, tokenizer, logger, progress, step: int, tag: str) -> dict[str, Any]:
+def _evaluate_all(cfg: RunConfig, engine, tokenizer, logger, progress, step: int, tag: str,
+                  run_dir: Path) -> dict[str, Any]:
+    """Evaluate in each mode; each episode's record goes to `run_dir/eval/{tag}_{mode}.jsonl`."""
     if cfg.eval.episodes == 0:
         return {}
     env_kwargs = {**cfg.env.kwargs, **cfg.eval.env_kwargs}
-    modes = {"sampled": cfg.rollout.temperature} | ({"greedy": 0.0} if cfg.eval.greedy else {})
     results = {}
-    for mode, temperature in modes.items():
+    for mode, temperature in _eval_modes(cfg).items():
         progress.note(f"evaluating {tag} policy ({mode}, {cfg.eval.episodes} episodes)")
-        results[mode] = evaluate(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
-                                 temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                                 max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window)
+        records = evaluate_episodes(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
+                                    temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                                    max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window)
+        write_records(run_dir / "eval" / f"{tag}_{mode}.jsonl", records)
+        results[mode] = summarize(records)
         logger.log({f"eval/{tag}/{mode}/{k}": v for k, v in results[mode].items()}, step)
     progress.note(f"{tag}: " + ", ".join(f"{m} success {r['success_rate']:.1%}" for m, r in results.items()))
     return results
+
+
+def _eval_modes(cfg: RunConfig) -> dict[str, float]:
+    return {"sampled": cfg.rollout.temperature} | ({"greedy": 0.0} if cfg.eval.greedy else {})
+
+
+def _paired_changes(cfg: RunConfig, logger, progress, step: int, run_dir: Path) -> dict[str, Any]:
+    """Per mode, the final policy's paired change from the warm start on the same tasks
+    (when this run evaluated both)."""
+    changes = {}
+    for mode in _eval_modes(cfg):
+        before, after = (run_dir / "eval" / f"{tag}_{mode}.jsonl" for tag in ("warmstart", "final"))
+        if cfg.eval.episodes == 0 or not (before.exists() and after.exists()):
+            continue
+        changes[mode] = paired_change(read_records(before), read_records(after))
+        logger.log({f"eval/change/{mode}/{k}": v for k, v in changes[mode].items()}, step)
+        progress.note(f"{mode} change from the warm start: {describe_change(changes[mode])}")
+    return changes
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON line per episode, written whole or not at all (a kill leaves the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _restore(path: Path, model, optimizer, sampler: TaskSampler, engine: HFEngine) -> dict[str, Any]:

@@ -144,19 +144,76 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         train(tiny_recipe(tmp_path), resume=True)
 
 
-def test_eval_cli_on_a_run_writes_its_report_next_to_it(tmp_path):
+def test_eval_cli_on_a_run_writes_its_report_next_to_it(tmp_path, capsys):
     import json
 
     from looprl.cli import main
 
     cfg = tiny_recipe(tmp_path, train={"steps": 1})
     train(cfg)
-    code = main(["eval", "--model", str(cfg.run_dir), "--env", "looprl/Calc-v0", "--episodes", "6",
-                 "--max-new-tokens", "16"])
-    assert code == 0
-    report = json.loads((cfg.run_dir / "eval_looprl_Calc-v0_test_t1.json").read_text())
+    argv = ["eval", "--model", str(cfg.run_dir), "--env", "looprl/Calc-v0", "max_operand=2", "--episodes", "6",
+            "--max-new-tokens", "16", "--max-tokens", "192"]
+    assert main(argv) == 0
+    path = cfg.run_dir / "eval_looprl_Calc-v0_test_t1.json"
+    report = json.loads(path.read_text())
     assert report["episodes"] == 6 and report["env"] == "looprl/Calc-v0"
+    assert report["env_kwargs"] == {"max_operand": 2, "split": "test"}
     assert 0.0 <= report["success_rate"] <= 1.0 and report["mean_turns"] >= 1
+    assert [r["seed"] for r in report["records"]] == list(range(6))
+    assert sum(r["success"] for r in report["records"]) / 6 == report["success_rate"]
+    assert all(r["task_id"].startswith("calc:") for r in report["records"]), report["records"][0]
+
+    # The same policy on the same tasks with the same sampling seed: nothing changes.
+    baseline = tmp_path / "baseline.json"
+    path.rename(baseline)
+    capsys.readouterr()
+    assert main(argv + ["--baseline", str(baseline)]) == 0
+    assert "change from baseline" in capsys.readouterr().out
+    again = json.loads(path.read_text())
+    assert again["records"] == report["records"]
+    assert again["change"]["gained"] == again["change"]["lost"] == 0 and again["change"]["p_value"] == 1.0
+
+
+def test_eval_baseline_of_other_tasks_is_refused_before_the_model_loads(tmp_path, capsys):
+    import json
+
+    from looprl.cli import main
+
+    baseline = tmp_path / "b.json"
+    baseline.write_text(json.dumps({"env": "looprl/Calc-v0", "env_kwargs": {"max_operand": 3, "split": "test"},
+                                    "records": [{"seed": 0}]}))
+    for extra, named in ((["max_operand=2"], "evaluated looprl/Calc-v0 with {'max_operand': 3"),
+                         (["max_operand=3", "--episodes", "5"], "has 1 episodes, not --episodes 5")):
+        code = main(["eval", "--model", str(tmp_path / "no-model"), "--env", "looprl/Calc-v0", *extra,
+                     "--baseline", str(baseline)])
+        err = capsys.readouterr().err
+        assert code == 2 and named in err, err
+    baseline.write_text("{not json")
+    assert main(["eval", "--model", "x", "--env", "looprl/Calc-v0", "--baseline", str(baseline)]) == 2
+    assert "cannot read a report" in capsys.readouterr().err
+
+
+def test_a_run_reports_each_episode_and_the_paired_change_from_its_warm_start(tmp_path):
+    import json
+
+    cfg = tiny_recipe(tmp_path, eval={"episodes": 8, "greedy": True})
+    results = train(cfg)
+    for mode in ("sampled", "greedy"):
+        before, after = ([json.loads(line) for line in (cfg.run_dir / "eval" / f"{tag}_{mode}.jsonl").open()]
+                         for tag in ("warmstart", "final"))
+        assert [r["seed"] for r in before] == [r["seed"] for r in after] == list(range(8))
+        assert [r["task_id"] for r in before] == [r["task_id"] for r in after]
+        assert sum(r["success"] for r in after) / 8 == results["final"][mode]["success_rate"]
+        change = results["change"][mode]
+        assert change["gained"] == sum(a["success"] and not b["success"] for a, b in zip(after, before))
+        assert change["lost"] == sum(b["success"] and not a["success"] for a, b in zip(after, before))
+        assert change["before"] == results["warmstart"][mode]["success_rate"]
+    assert json.loads((cfg.run_dir / "results.json").read_text())["change"] == results["change"]
+
+    # The same folder, run again without a warm-start evaluation: no change against the old run's.
+    again = tiny_recipe(tmp_path, eval={"episodes": 8, "greedy": True, "before_rl": False})
+    assert "change" not in train(again)
+    assert not (again.run_dir / "eval" / "warmstart_sampled.jsonl").exists()
 
 
 def test_ctrl_c_saves_the_last_complete_step_and_resume_finishes_the_run(tmp_path, monkeypatch):

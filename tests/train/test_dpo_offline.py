@@ -60,6 +60,17 @@ def test_offline_dpo_trains_writes_metrics_and_a_loadable_checkpoint(tmp_path, r
         assert all("lora_" in k and ".ref." not in k for k in trained)
 
 
+def test_offline_dpo_reports_the_paired_change_from_the_policy_it_started_from(tmp_path):
+    cfg = offline_recipe(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", STANDARD), False)
+    cfg = from_dict({**cfg.model_dump(mode="json"), "eval": {"episodes": 3, "greedy": False},
+                     "rollout": {"max_new_tokens": 8}})
+    results = train(cfg)
+    change = results["change"]["sampled"]
+    assert change["episodes"] == 3 and change["gained"] + change["lost"] <= 3
+    assert change["before"] == results["warmstart"]["sampled"]["success_rate"]
+    assert (cfg.run_dir / "eval" / "final_sampled.jsonl").exists()
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ('{"prompt": "a", "chosen": "b"}', "line 2: missing key 'rejected'"),
     ('{"prompt": "a", "chosen": "", "rejected": "c"}', "line 2: key 'chosen' is empty"),
