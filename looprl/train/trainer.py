@@ -112,6 +112,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             raise KeyboardInterrupt
         state["results"]["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, state["step"], "final",
                                                   run_dir)
+        state["results"].pop("change", None)  # a resumed run's checkpoint may hold an earlier one
         if change := _paired_changes(cfg, logger, progress, state["step"], run_dir):
             state["results"]["change"] = change
         save(blocking=True)
@@ -326,7 +327,11 @@ def _paired_changes(cfg: RunConfig, logger, progress, step: int, run_dir: Path) 
         before, after = (run_dir / "eval" / f"{tag}_{mode}.jsonl" for tag in ("warmstart", "final"))
         if cfg.eval.episodes == 0 or not (before.exists() and after.exists()):
             continue
-        changes[mode] = paired_change(read_records(before), read_records(after))
+        try:
+            changes[mode] = paired_change(read_records(before), read_records(after))
+        except ValueError as e:  # e.g. resumed with another eval.episodes: report no change, keep the run
+            progress.note(f"no paired {mode} change from the warm start: {e}")
+            continue
         logger.log({f"eval/change/{mode}/{k}": v for k, v in changes[mode].items()}, step)
         progress.note(f"{mode} change from the warm start: {describe_change(changes[mode])}")
     return changes

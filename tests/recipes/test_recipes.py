@@ -210,6 +210,11 @@ def test_a_run_reports_each_episode_and_the_paired_change_from_its_warm_start(tm
         assert change["before"] == results["warmstart"][mode]["success_rate"]
     assert json.loads((cfg.run_dir / "results.json").read_text())["change"] == results["change"]
 
+    # Resumed with more evaluation episodes than the warm start had: the run ends, without a change.
+    more = tiny_recipe(tmp_path, eval={"episodes": 9, "greedy": True}, train={"steps": 6})
+    resumed = train(more, resume=True)
+    assert resumed["final"]["sampled"]["episodes"] == 9 and "change" not in resumed
+
     # The same folder, run again without a warm-start evaluation: no change against the old run's.
     again = tiny_recipe(tmp_path, eval={"episodes": 8, "greedy": True, "before_rl": False})
     assert "change" not in train(again)
