@@ -16,25 +16,6 @@ from looprl.types import Episode, Trajectory
 EVAL_SEED = 1234
 
 
-def evaluate(
-    engine: InferenceEngine,
-    tokenizer,
-    env_id: str,
-    env_kwargs: dict[str, Any],
-    episodes: int,
-    *,
-    temperature: float = 1.0,
-    max_new_tokens: int = 64,
-    max_tokens: int = 1024,
-    context_window: int | None = None,
-) -> dict[str, float]:
-    """Summary of `evaluate_episodes` (success rate, return, turns, tokens)."""
-    return summarize(evaluate_episodes(
-        engine, tokenizer, env_id, env_kwargs, episodes, temperature=temperature,
-        max_new_tokens=max_new_tokens, max_tokens=max_tokens, context_window=context_window,
-    ))
-
-
 def evaluate_episodes(
     engine: InferenceEngine,
     tokenizer,
