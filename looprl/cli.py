@@ -118,6 +118,7 @@ def _eval(args) -> int:
     from looprl.envs import make_env
     from looprl.rollout.engine import HFEngine
     from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
+    from looprl.train.metrics import write_text_atomic
 
     env_kwargs = {**_env_kwargs(args.kwargs), "split": args.split}
     make_env(args.env, **env_kwargs).close()  # unknown id, kwargs or split: fail before loading a model
@@ -135,7 +136,7 @@ def _eval(args) -> int:
               **({"baseline": args.baseline, "change": change} if change else {}), "records": records}
     name = f"eval_{args.env.replace('/', '_')}_{args.split}_t{args.temperature:g}.json"
     out = Path(args.out) if args.out else (report_dir or Path(".")) / name
-    out.write_text(json.dumps(report, indent=2))
+    write_text_atomic(out, json.dumps(report, indent=2))  # it may be another run's --baseline
     table = Table(title=f"{args.model} on {args.env} ({args.split})")
     for key in ("episodes", "success_rate", "mean_return", "mean_turns", "mean_tokens"):
         table.add_row(key, f"{result[key]:.4g}")

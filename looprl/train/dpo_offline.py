@@ -31,7 +31,7 @@ from typing import Any
 from looprl.config import RunConfig
 from looprl.train.checkpoint import CheckpointManager
 from looprl.train.dpo_online import METRIC_NAMES
-from looprl.train.metrics import MetricsLogger, init_wandb
+from looprl.train.metrics import MetricsLogger, init_wandb, write_text_atomic
 from looprl.train.policy import trainable_state
 from looprl.train.progress import RunProgress
 
@@ -155,7 +155,7 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         extra={"policy_version": engine.version, "config": cfg.model_dump(mode="json"), "results": results},
     )
     logger.close()
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     return results
 
 

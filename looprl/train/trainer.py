@@ -15,7 +15,6 @@ import copy
 import functools
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -40,7 +39,8 @@ from looprl.train.dpo_online import build_reference, dpo_step
 from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
 from looprl.train.exit import build_exit_sampler, exit_step, expert_env_factory
 from looprl.train.export import save_model_folder
-from looprl.train.metrics import MetricsLogger, init_wandb, rollout_metrics, step_timings
+from looprl.train.metrics import (MetricsLogger, init_wandb, read_jsonl, rollout_metrics, step_timings,
+                                  write_text_atomic)
 from looprl.train.models import merge_lora
 from looprl.train.policy import build_policy, load_trainable_state, trainable_state
 from looprl.train.progress import RunProgress
@@ -117,7 +117,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             state["results"]["change"] = change
         save(blocking=True)
     logger.close()
-    (run_dir / "results.json").write_text(json.dumps(state["results"], indent=2))
+    write_text_atomic(run_dir / "results.json", json.dumps(state["results"], indent=2))
     return state["results"]
 
 
@@ -308,7 +308,7 @@ def _evaluate_all(cfg: RunConfig, engine, tokenizer, logger, progress, step: int
         records = evaluate_episodes(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
                                     temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                                     max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window)
-        write_records(run_dir / "eval" / f"{tag}_{mode}.jsonl", records)
+        write_text_atomic(run_dir / "eval" / f"{tag}_{mode}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         results[mode] = summarize(records)
         logger.log({f"eval/{tag}/{mode}/{k}": v for k, v in results[mode].items()}, step)
     progress.note(f"{tag}: " + ", ".join(f"{m} success {r['success_rate']:.1%}" for m, r in results.items()))
@@ -328,25 +328,13 @@ def _paired_changes(cfg: RunConfig, logger, progress, step: int, run_dir: Path) 
         if cfg.eval.episodes == 0 or not (before.exists() and after.exists()):
             continue
         try:
-            changes[mode] = paired_change(read_records(before), read_records(after))
+            changes[mode] = paired_change(read_jsonl(before), read_jsonl(after))
         except ValueError as e:  # e.g. resumed with another eval.episodes: report no change, keep the run
             progress.note(f"no paired {mode} change from the warm start: {e}")
             continue
         logger.log({f"eval/change/{mode}/{k}": v for k, v in changes[mode].items()}, step)
         progress.note(f"{mode} change from the warm start: {describe_change(changes[mode])}")
     return changes
-
-
-def write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    """One JSON line per episode, written whole or not at all (a kill leaves the old file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _restore(path: Path, model, optimizer, sampler: TaskSampler, engine: HFEngine) -> dict[str, Any]:

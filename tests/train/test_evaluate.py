@@ -59,3 +59,21 @@ def test_summarize_reads_records():
     summary = summarize(records([True, False, False, True]))
     assert summary["episodes"] == 4 and summary["success_rate"] == 0.5
     assert summary["success_stderr"] == pytest.approx(0.25) and summary["mean_return"] == 0.5
+
+
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from looprl.train.metrics import read_jsonl, write_text_atomic
+
+    path = tmp_path / "eval" / "final_sampled.jsonl"
+    write_text_atomic(path, '{"seed": 0}\n')
+    assert read_jsonl(path) == [{"seed": 0}]
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies after the new text is written, before it replaces the old
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, '{"seed": 1}\n')
+    assert read_jsonl(path) == [{"seed": 0}]
