@@ -120,6 +120,9 @@ class LoopConfig(UpdateConfig):
     ratio_level: Literal["token", "turn", "trajectory"] = Field("token", description="importance ratio granularity")
     adv_threshold: float = Field(0.01, ge=0, description="rollouts with |advantage| below this are dropped")
     normalize_std: bool = Field(False, description="divide advantages by the group's return std")
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = Field(
+        "seq-mean-token-mean", description="how per-token losses become one loss (the paper: seq-mean-token-mean)")
+    max_len: int | None = Field(None, gt=0, description="seq-mean-token-sum-norm divisor (None: env.max_tokens)")
 
 
 class GRPOConfig(UpdateConfig):

@@ -19,4 +19,4 @@ def build_algorithm(cfg):
         return GRPO(cfg.algorithm, max_len=cfg.env.max_tokens)
     if cfg.algorithm.name == "dpo":
         return DPO(cfg.algorithm)  # pairs and a pair loss, run by looprl/train/dpo_online.py
-    return LOOP(cfg.algorithm)
+    return LOOP(cfg.algorithm, max_len=cfg.env.max_tokens)

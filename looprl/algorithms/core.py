@@ -79,13 +79,16 @@ def clipped_policy_loss(
     clip_high: float,
     segments: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al., 2017, eq. 7) with a per-token ratio.
 
     The ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher when they
     differ). With `segments`, each token uses the geometric-mean ratio of its segment
-    (a turn or the whole trajectory, as in GSPO) instead of its own. The loss is the
-    token-mean within each sequence, then the mean over sequences.
+    (a turn or the whole trajectory, as in GSPO) instead of its own. The loss is reduced
+    by `aggregate_loss`: by default the token-mean within each sequence, then the mean
+    over sequences.
 
     Args:
         logprobs: (B, T) under the policy being trained.
@@ -97,6 +100,8 @@ def clipped_policy_loss(
         segments: optional (B, T) segment index per token.
         weights: optional detached (B, T) factor on each token's clipped term, e.g.
             `behaviour_weights` when `old_logprobs` are the proximal policy's.
+        loss_agg: how tokens are reduced; see `aggregate_loss`.
+        max_len: the constant divisor of "seq-mean-token-sum-norm".
 
     Returns:
         The scalar loss and detached metrics `pg_loss`, `clipfrac`, `approx_kl`, `ratio_mean`.
@@ -111,7 +116,7 @@ def clipped_policy_loss(
     per_token = torch.max(pg_loss1, pg_loss2)
     if weights is not None:
         per_token = per_token * weights
-    pg_loss = sequence_token_mean(per_token, mask)
+    pg_loss = aggregate_loss(per_token, mask, loss_agg, max_len)
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
         metrics = {

@@ -14,6 +14,12 @@ dropped. No KL penalty. Options: normalise advantages by the group's std (off in
 paper), and compute the ratio per turn or per trajectory instead of per token. The
 paper's ablations (AppWorld, section 5) favour exactly the defaults: per-token over
 per-turn over per-trajectory ratios, no std normalisation, no KL.
+
+One more option, `loss_agg`, is not in the paper: the token-mean within each rollout
+weighs each token of a rollout of L tokens by A_i / L, so a long failed rollout (one that
+rambles until the token limit) is hardly penalised per token. `loss_agg="token-mean"`
+(DAPO, section 3.3) weighs every token of the batch alike instead; see
+`looprl.algorithms.core.aggregate_loss` for the modes.
 """
 
 from __future__ import annotations
@@ -60,11 +66,14 @@ def loop_loss(
     eps: float = 0.1,
     segments: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The LOOP policy loss on a minibatch: (B, T) logprobs, (B,) advantages, optional
     (B, T) per-token `weights` (see `clipped_policy_loss`)."""
     clip_low, clip_high = clip_range(eps)
-    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments, weights)
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments, weights,
+                               loss_agg, max_len)
 
 
 class LOOP:
@@ -72,14 +81,17 @@ class LOOP:
 
     Args:
         cfg: the `algorithm` section of the run config.
+        max_len: the "seq-mean-token-sum-norm" divisor when `cfg.max_len` is None (the
+            episode token limit).
     """
 
-    # Micro-batch losses are means over rows: accumulate them weighted by row share.
-    aggregates_over = "sequences"
     needs_reference = False  # LOOP has no KL term
 
-    def __init__(self, cfg: LoopConfig):
+    def __init__(self, cfg: LoopConfig, max_len: int | None = None):
         self.cfg = cfg
+        self.max_len = cfg.max_len or max_len
+        # How micro-batch losses combine: weighted by their share of rows or of tokens.
+        self.aggregates_over = "tokens" if cfg.loss_agg == "token-mean" else "sequences"
 
     def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, K) returns -> (G, K) advantages and the (G, K) mask of rollouts to train on."""
@@ -90,4 +102,5 @@ class LOOP:
         """The clipped loss on (B, T) tensors; `turns` is the (B, T) turn index of each token,
         `weights` an optional (B, T) factor on each token's term."""
         segments = {"token": None, "turn": turns, "trajectory": torch.zeros_like(turns)}[self.cfg.ratio_level]
-        return loop_loss(logprobs, old_logprobs, advantages, mask, self.cfg.clip_eps, segments, weights)
+        return loop_loss(logprobs, old_logprobs, advantages, mask, self.cfg.clip_eps, segments, weights,
+                         self.cfg.loss_agg, self.max_len)

@@ -92,3 +92,36 @@ def test_loop_loss_matches_hand_computed_values():
     assert metrics["pg_loss"] == pytest.approx(loss.item())
     assert metrics["clipfrac"] == pytest.approx(2 / 5)
     assert metrics["ratio_mean"] == pytest.approx((1.05 + 1.2 + 0.8 + 0.8 + 1.2) / 5, rel=1e-5)
+
+
+def test_loop_loss_token_mean_weighs_every_token_of_the_batch_alike():
+    # Advantages +1 on a 1-token row and -1 on a 3-token row, all ratios 1: per token
+    # -1 and +1. The paper's seq-mean-token-mean gives (-1 + 1) / 2 = 0: the long failed
+    # row weighs as much as the short success. token-mean gives (-1 + 3) / 4 = 0.5, and the
+    # sum over max_len = 8 gives (-1/8 + 3/8) / 2 = 0.125.
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -1.0])
+    assert loop_loss(logp, logp, adv, mask)[0].item() == pytest.approx(0.0)
+    assert loop_loss(logp, logp, adv, mask, loss_agg="token-mean")[0].item() == pytest.approx(0.5)
+    assert loop_loss(logp, logp, adv, mask, loss_agg="seq-mean-token-sum-norm", max_len=8)[0].item() == \
+        pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("loss_agg, unit", [("seq-mean-token-mean", "sequences"), ("token-mean", "tokens"),
+                                            ("seq-mean-token-sum-norm", "sequences")])
+def test_loop_combines_micro_batches_by_the_unit_its_loss_averages_over(loss_agg, unit):
+    from looprl.algorithms import build_algorithm
+    from looprl.config import from_dict
+
+    cfg = from_dict({"algorithm": {"name": "loop", "loss_agg": loss_agg}, "env": {"max_tokens": 300}})
+    algorithm = build_algorithm(cfg)
+    assert algorithm.aggregates_over == unit
+    assert algorithm.max_len == 300
+
+
+def test_loop_config_rejects_an_unknown_loss_agg():
+    from looprl.config import from_dict
+
+    with pytest.raises(ValueError, match="loss_agg"):
+        from_dict({"algorithm": {"name": "loop", "loss_agg": "sum"}})

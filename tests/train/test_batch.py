@@ -35,17 +35,19 @@ def test_micro_batches_pack_by_length_under_the_budget():
     assert [4] in groups  # longer than the budget: alone
 
 
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("budget", [64, 10_000])
-def test_accumulated_micro_batches_give_the_minibatch_gradient(budget):
+def test_accumulated_micro_batches_give_the_minibatch_gradient(budget, loss_agg):
     cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": False},
-                     "algorithm": {"micro_batch_tokens": budget}})
+                     "algorithm": {"micro_batch_tokens": budget, "loss_agg": loss_agg}})
     model, tokenizer = build_policy(cfg)
     rng = random.Random(0)
     rows = [(random_trajectory(rng, len(tokenizer), n), a)
             for n, a in zip([7, 30, 12, 25, 9], [1.0, -0.5, 0.25, -1.0, 0.75])]
 
     batch = collate([t for t, _ in rows], tokenizer.pad_token_id, [a for _, a in rows])
-    loss, _ = loop_loss(policy_logprobs(model, batch), batch.old_logprobs, batch.advantages, batch.loss_mask)
+    loss, _ = loop_loss(policy_logprobs(model, batch), batch.old_logprobs, batch.advantages, batch.loss_mask,
+                        loss_agg=loss_agg, max_len=cfg.env.max_tokens)
     loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
