@@ -40,9 +40,7 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and _step_of(line) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 def _step_of(line: str) -> int:
