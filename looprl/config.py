@@ -104,6 +104,11 @@ class RolloutConfig(Section):
                            "the others, so rollouts never preempt the training step (Linux)")
 
 
+# How per-token policy losses become one loss: verl's `loss_agg_mode` names
+# (see looprl.algorithms.core.aggregate_loss).
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
 class UpdateConfig(Section):
     """How each step's rollouts become optimizer steps (shared by the algorithms)."""
 
@@ -120,7 +125,7 @@ class LoopConfig(UpdateConfig):
     ratio_level: Literal["token", "turn", "trajectory"] = Field("token", description="importance ratio granularity")
     adv_threshold: float = Field(0.01, ge=0, description="rollouts with |advantage| below this are dropped")
     normalize_std: bool = Field(False, description="divide advantages by the group's return std")
-    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = Field(
+    loss_agg: LossAgg = Field(
         "seq-mean-token-mean", description="how per-token losses become one loss (the paper: seq-mean-token-mean)")
     max_len: int | None = Field(None, gt=0, description="seq-mean-token-sum-norm divisor (None: env.max_tokens)")
 
@@ -132,7 +137,7 @@ class GRPOConfig(UpdateConfig):
     scale: Literal["std", "none"] = Field("std", description="advantage scale: group std (GRPO) or none (Dr. GRPO)")
     clip_low: float = Field(0.2, gt=0, lt=1, description="ratio clipped below at 1 - clip_low")
     clip_high: float = Field(0.28, gt=0, description="ratio clipped above at 1 + clip_high (DAPO clip-higher)")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+    loss_agg: LossAgg = Field(
         "token-mean", description="how per-token losses become one loss")
     max_len: int | None = Field(None, gt=0, description="seq-mean-token-sum-norm divisor (None: env.max_tokens)")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference (the model with LoRA disabled)")

@@ -45,6 +45,12 @@ def aggregate_loss(
     )
 
 
+def aggregation_unit(loss_agg: str) -> str:
+    """What a loss reduced by `loss_agg` averages over, "tokens" or "sequences": micro-batch
+    losses accumulate weighted by their share of it (see `looprl.train.trainer._micro_groups`)."""
+    return "tokens" if loss_agg == "token-mean" else "sequences"
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids] without materialising the full log-softmax: (B, T, V) -> (B, T)."""
     logits = logits.float()

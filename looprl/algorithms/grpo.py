@@ -34,10 +34,8 @@ from typing import Literal
 
 import torch
 
-from looprl.algorithms.core import aggregate_loss, masked_mean
-
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-
+from looprl.algorithms.core import aggregate_loss, aggregation_unit, masked_mean
+from looprl.config import LossAgg
 
 def group_advantages(rewards: torch.Tensor, scale: Literal["std", "none"] = "std", eps: float = 1e-4) -> torch.Tensor:
     """(R - mean) / (std + eps) within each group of a (G, K) tensor of rewards.
@@ -151,7 +149,7 @@ class GRPO:
     def __init__(self, cfg, max_len: int):
         self.cfg = cfg
         self.max_len = cfg.max_len or max_len
-        self.aggregates_over = "tokens" if cfg.loss_agg == "token-mean" else "sequences"
+        self.aggregates_over = aggregation_unit(cfg.loss_agg)
         self.needs_reference = cfg.kl_coef > 0
 
     def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

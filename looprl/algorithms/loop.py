@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from looprl.algorithms.core import clipped_policy_loss
+from looprl.algorithms.core import aggregation_unit, clipped_policy_loss
 from looprl.config import LoopConfig
 
 
@@ -90,8 +90,7 @@ class LOOP:
     def __init__(self, cfg: LoopConfig, max_len: int | None = None):
         self.cfg = cfg
         self.max_len = cfg.max_len or max_len
-        # How micro-batch losses combine: weighted by their share of rows or of tokens.
-        self.aggregates_over = "tokens" if cfg.loss_agg == "token-mean" else "sequences"
+        self.aggregates_over = aggregation_unit(cfg.loss_agg)
 
     def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, K) returns -> (G, K) advantages and the (G, K) mask of rollouts to train on."""
