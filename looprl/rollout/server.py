@@ -12,6 +12,7 @@ The engine samples whole turns, so a stream's chunks are sent once the turn is d
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, AsyncIterator
 
@@ -153,6 +154,11 @@ def _chat_chunks(head: dict, turns: list[ChatTurn], with_logprobs: bool, prompt_
 async def _sse(chunks) -> AsyncIterator[str]:
     for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n"
+        # Let the loop run between chunks. The chunks are ready at once and a write to a
+        # socket does not wait, so without this the loop never learns that the client
+        # has gone (that runs as a callback) and the whole stream is written to a dead
+        # socket, asyncio logging "socket.send() raised exception." for every chunk.
+        await asyncio.sleep(0)
     yield "data: [DONE]\n\n"
 
 
