@@ -37,14 +37,24 @@ _OFF_VALUES = {
 
 
 class APIError(Exception):
-    """A request the server refuses; becomes `{"error": {...}}` with `status`."""
+    """A request the server refuses; becomes `{"error": {...}}` with `status`.
+
+    The body is OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`,
+    which the `openai` client reads into its `APIStatusError` subclasses (it picks the
+    class from the status). `code` is the status, as vLLM sends it; `type` is
+    `rate_limit_error` for 429 (the queue is full), `server_error` for 5xx and
+    `invalid_request_error` for the other 4xx.
+    """
 
     def __init__(self, message: str, status: int = 400, param: str | None = None):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
 
     def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 429:
+            kind = "rate_limit_error"
+        else:
+            kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
 
 
@@ -54,7 +64,7 @@ class _Request(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1, le=64)
+    n: int = Field(1, ge=1)  # its upper bound is the server's `max_n`
     stream: bool = False
     return_token_ids: bool | None = None  # vLLM's flag; token ids are always returned
 
