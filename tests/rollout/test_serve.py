@@ -50,10 +50,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_path, tmp_path_factory):
+def server_log(tmp_path_factory):
+    """The file the `server` fixture's stdout and stderr go to."""
+    return tmp_path_factory.mktemp("serve") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, server_log):
     """`looprl serve` on the small tiny model, in a subprocess; yields the API root."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_path = server_log
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "looprl.cli", "serve", tiny_model_path, "--port", str(port),
@@ -345,3 +351,93 @@ def test_malformed_json_gets_400_and_unknown_model_404(server):
 def test_serve_cli_errors_are_one_line(capsys, argv, expected):
     assert main(argv) == 2
     assert expected in capsys.readouterr().err
+
+
+# (d) Limits, with `looprl serve`'s defaults: every refusal in OpenAI's error shape,
+# and the server answers the next good request.
+
+GOOD = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+TEN_MB = "10 MB"  # built in the test: a 10 MB value would also become the test's id
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    """The `{"error": {"message", "type", "param", "code"}}` body the `openai` client parses."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert error["message"] and error["code"] == status and error["param"] == param
+    assert error["type"] == {429: "rate_limit_error", 500: "server_error"}.get(status, "invalid_request_error")
+    return error
+
+
+@pytest.mark.parametrize("method, path, body, status, param, expected", [
+    ("POST", "completions", TEN_MB, 413, None, "larger than the 1048576 bytes"),
+    ("POST", "completions", {"model": MODEL, "prompt": ["hi"] * 2000}, 400, "prompt", "2000 prompts"),
+    ("POST", "completions", {"model": MODEL, "prompt": [[5]] * 8, "n": 64}, 400, "n", "512 choices"),
+    ("POST", "chat/completions", {**CHAT, "temperature": 1e-300}, 400, "temperature", "temperature=0 for greedy"),
+    ("POST", "chat/completions", b'{"model": "tiny", "messages": [], "temperature": NaN}', 400, "temperature",
+     "temperature"),
+    ("POST", "chat/completions", {**CHAT, "n": 65}, 400, "n", "n=65"),
+    ("POST", "completions", {"model": MODEL, "prompt": [5] * 2048}, 400, "prompt", "2048 tokens"),
+    ("POST", "chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi " * 1000}]}, 400, "messages",
+     "more than the 2047"),
+    ("POST", "completions", {**GOOD, "model": "gpt-4"}, 404, "model", "serves `tiny`"),
+    ("GET", "no/such/route", None, 404, None, "Unknown route: GET /v1/no/such/route"),
+    ("POST", "models", {}, 405, None, "allowed: GET"),
+    ("POST", "chat/completions", b"{not json", 400, None, "not valid JSON"),
+    ("POST", "chat/completions", b"[1, 2]", 400, None, "the body"),
+], ids=["10MB-body", "2000-prompts", "too-many-choices", "temperature-1e-300", "temperature-NaN", "n-65",
+        "prompt-over-context", "messages-over-context", "unknown-model", "unknown-route", "wrong-method",
+        "malformed-json", "not-an-object"])
+def test_each_refusal_has_the_openai_error_shape_and_the_server_still_answers(server, method, path, body, status,
+                                                                               param, expected):
+    if body == TEN_MB:
+        body = json.dumps({"model": MODEL, "prompt": "a" * 10_000_000}).encode()
+    if isinstance(body, dict):
+        kwargs = {"json": body}
+    else:
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}} if body is not None else {}
+    response = httpx.request(method, f"{server}/{path}", timeout=120, **kwargs)
+    assert expected in assert_openai_error(response, status, param)["message"]
+    after = httpx.post(f"{server}/completions", json=GOOD, timeout=120)
+    assert after.status_code == 200 and after.json()["choices"][0]["token_ids"]
+
+
+def test_the_openai_client_raises_its_error_class_for_each_status(client):
+    with pytest.raises(openai.BadRequestError, match="temperature=0 for greedy") as bad:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=1e-300)
+    assert (bad.value.param, bad.value.type, bad.value.code) == ("temperature", "invalid_request_error", "400")
+    with pytest.raises(openai.NotFoundError, match="serves `tiny`"):
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    with pytest.raises(openai.NotFoundError, match="Unknown route"):
+        client.models.retrieve(MODEL)  # GET /v1/models/{id} is not served
+    with pytest.raises(openai.APIStatusError, match="larger than") as large:
+        client.completions.create(model=MODEL, prompt="a" * 2_000_000)
+    assert large.value.status_code == 413
+    assert client.completions.create(**GOOD).choices[0].model_extra["token_ids"]
+
+
+def test_a_dropped_stream_logs_one_line(server, server_log):
+    """A client that leaves mid-stream: one warning, not a warning per unsent chunk
+    (the stream used to write itself whole to the dead socket, and asyncio logged
+    every write: 3,521 lines for one disconnect)."""
+    before = server_log.stat().st_size
+    body = {**CHAT, "n": 8, "max_tokens": 512, "stream": True}
+    with httpx.stream("POST", f"{server}/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for i, _ in enumerate(response.iter_lines()):
+            if i == 4:
+                break
+    root = server.removesuffix("/v1")
+    deadline = time.monotonic() + 120  # the handler ends once it sees the client gone
+    while httpx.get(f"{root}/health", timeout=30).json()["admitted"]:
+        assert time.monotonic() < deadline, "the dropped stream's handler did not end"
+        time.sleep(0.1)
+    assert httpx.post(f"{server}/completions", json=GOOD, timeout=120).status_code == 200
+    with open(server_log, "rb") as log:
+        log.seek(before)
+        lines = log.read().decode(errors="replace").splitlines()
+    assert len(lines) == 1, "\n".join(lines[:20])
+    assert "disconnected before its answer was complete" in lines[0] and "/v1/chat/completions" in lines[0]
