@@ -28,8 +28,10 @@ Startup time is most of a run's cost, so this imports only built-in and tiny mod
 """
 
 import builtins
+import itertools
 import marshal
 import os
+import posix
 import resource
 import sys
 from _json import encode_basestring_ascii as json_string
@@ -47,6 +49,8 @@ IMPORTABLE = frozenset(
     }
 )  # fmt: skip
 # Never importable from model code: each is a way around the audit hook or to the network.
+# The hook keeps its own copies of these policy sets: rebinding these names (they are
+# globals of `__main__`, which the code can import) changes nothing.
 DENIED_IMPORTS = frozenset(
     {
         "ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
@@ -55,12 +59,15 @@ DENIED_IMPORTS = frozenset(
     }
 )  # fmt: skip
 # Audit events that are refused outright (prefixes end with a dot or name a family).
+# Tracing and profiling are refused because a tracer sees (and in 3.11 can rewrite) the
+# locals of the hook's own frame while it runs.
 DENIED_EVENTS = frozenset(
     {
         "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "signal.pthread_kill",
         "os.symlink", "os.link", "subprocess.Popen", "sys._current_frames", "gc.get_objects",
         "gc.get_referrers", "gc.get_referents", "resource.setrlimit", "resource.prlimit",
         "os.setxattr", "os.removexattr", "os.mkfifo", "os.mknod", "pty.spawn",
+        "sys.settrace", "sys.setprofile", "sys.monitoring.register_callback",
     }
 )  # fmt: skip
 DENIED_PREFIXES = ("socket.", "ctypes.", "os.exec", "os.posix_spawn", "os.spawn", "_winapi.")
@@ -219,44 +226,124 @@ def audit_hook(work_dir: str, import_path: tuple[str, ...]):
     of them; reads must stay inside it or the import path (the standard library). Paths
     must be `str` or `bytes`: an object with `__fspath__` could name one path to the hook
     and another to the call.
+
+    The policy is frozen into the hook when it is made. Every set, limit, builtin and C
+    function the hook uses is a default argument, held by the function object, which
+    nothing hands to the code; none is a name looked up in a module's globals or in
+    `builtins` when an event comes, so rebinding `__main__.DENIED_EVENTS`, `builtins.any`
+    or `posixpath.realpath` changes nothing. Paths are resolved inline with `readlink`
+    (`os.path.realpath` is Python code that looks its helpers up in module globals).
+    The hook's frame, which a traceback of a refused call exposes, holds no mutable
+    object but the count of write opens, an `itertools.count` that code can only
+    advance. Arguments of any type but the exact built-in ones are refused, so that no
+    code of the model's (a `__hash__`, a `__contains__`) runs while the hook does.
     """
-    realpath, fsdecode = os.path.realpath, os.fsdecode
+    realpath = os.path.realpath  # trusted here: no model code has run yet
     work = realpath(work_dir)
-    readable = (work, *(realpath(p) for p in import_path), os.devnull)
-    write_opens = [0]
+    readable = tuple(root + "/" for root in (work, *(realpath(p) for p in import_path)))
 
-    def inside(path: object, roots: tuple[str, ...]) -> bool:
-        if type(path) not in (str, bytes):
-            return False
-        resolved = realpath(fsdecode(path))
-        return any(resolved == root or resolved.startswith(root + os.sep) for root in roots)
-
-    def hook(event: str, args: tuple) -> None:
+    def hook(
+        event, args, *, _type=type, _str=str, _bytes=bytes, _int=int, _bool=bool, _float=float,
+        _tuple=tuple, _len=len, _next=next, _repr=repr, _list=list, _reversed=reversed,
+        _startswith=str.startswith, _partition=str.partition, _split=str.split, _join=str.join,
+        _decode=bytes.decode, _getcwd=posix.getcwd, _readlink=posix.readlink,
+        _writes=itertools.count(), _max_writes=MAX_WRITE_OPENS, _write_flags=WRITE_FLAGS,
+        _writable=(work + "/",), _readable=readable, _devnull=os.devnull,
+        _denied_imports=DENIED_IMPORTS, _denied_events=DENIED_EVENTS,
+        _denied_prefixes=DENIED_PREFIXES, _write_events=WRITE_EVENTS, _read_events=READ_EVENTS,
+        _OSError=OSError, _PermissionError=PermissionError, _ImportError=ImportError,
+        _RuntimeError=RuntimeError, _max_links=40,
+    ) -> None:
+        if _type(event) is not _str or _type(args) is not _tuple:
+            return  # only sys.audit() called by the code itself passes other types
+        writing = False
         if event == "open":
+            if _len(args) != 3:
+                raise _PermissionError("sandbox: an open the hook cannot read is not allowed")
             path, mode, flags = args
-            if type(path) is int:  # an already open descriptor
+            if _type(path) is _int:  # an already open descriptor
                 return
-            writing = any(c in mode for c in "wax+") if mode else bool(flags & WRITE_FLAGS)
-            if not inside(path, (work, os.devnull) if writing else readable):
-                raise PermissionError(f"sandbox: {'writing' if writing else 'reading'} {path!r} "
-                                      "is not allowed outside the working directory")  # fmt: skip
-            write_opens[0] += writing
-            if write_opens[0] > MAX_WRITE_OPENS:
-                raise PermissionError(
-                    f"sandbox: at most {MAX_WRITE_OPENS} files may be opened for writing"
-                )
-        elif event == "import":
-            if args[0].partition(".")[0] in DENIED_IMPORTS:
-                raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-        elif event in DENIED_EVENTS or event.startswith(DENIED_PREFIXES):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        elif event == "sys.addaudithook":
-            raise RuntimeError("sandbox: no more audit hooks")  # refused without a trace
-        elif event in WRITE_EVENTS or event in READ_EVENTS:
-            roots = (work,) if event in WRITE_EVENTS else readable
+            if _type(mode) is _str:
+                writing = "w" in mode or "a" in mode or "x" in mode or "+" in mode
+            elif mode is None and _type(flags) is _int:
+                writing = flags & _write_flags != 0
+            else:
+                raise _PermissionError("sandbox: an open the hook cannot read is not allowed")
+            paths = (path,)
+            roots = _writable if writing else _readable
+        elif event in _write_events or event in _read_events:
+            paths = []
             for arg in args:
-                if type(arg) in (str, bytes) and not inside(arg, roots):
-                    raise PermissionError(f"sandbox: {event} on {arg!r} is not allowed")
+                kind = _type(arg)
+                if kind is _str or kind is _bytes:
+                    paths.append(arg)
+                elif not (arg is None or kind is _int or kind is _bool or kind is _float
+                          or kind is _tuple):  # fmt: skip
+                    raise _PermissionError(
+                        "sandbox: " + event + " takes only str or bytes paths here"
+                    )
+            roots = _writable if event in _write_events else _readable
+        elif event == "import":
+            name = args[0] if args else None
+            if _type(name) is not _str:
+                raise _ImportError("sandbox: importing that module is not allowed")
+            if _partition(name, ".")[0] in _denied_imports:
+                raise _ImportError("sandbox: importing " + name + " is not allowed")
+            return
+        elif event in _denied_events or _startswith(event, _denied_prefixes):
+            raise _PermissionError("sandbox: " + event + " is not allowed")
+        elif event == "sys.addaudithook":
+            raise _RuntimeError("sandbox: no more audit hooks")  # refused without a trace
+        else:
+            return
+        for path in paths:
+            # The path, absolute, with every symlink followed (as realpath does; a missing
+            # part is kept as written); None for a non-path, a NUL or a symlink loop.
+            target = path
+            if _type(target) is _bytes:
+                target = _decode(target, "utf-8", "surrogateescape")  # PYTHONUTF8=1
+            if _type(target) is not _str or "\0" in target:
+                target = None
+            else:
+                if not _startswith(target, "/"):
+                    target = _getcwd() + "/" + target
+                pending = _list(_reversed(_split(target, "/")))
+                parts = []
+                links = 0
+                while pending:
+                    name = pending.pop()
+                    if name == "" or name == ".":
+                        continue
+                    if name == "..":
+                        if parts:
+                            parts.pop()
+                        continue
+                    parts.append(name)
+                    try:
+                        link = _readlink("/" + _join("/", parts))
+                    except _OSError:  # not a symlink, or missing
+                        continue
+                    parts.pop()
+                    links += 1
+                    if links > _max_links:
+                        pending = None
+                        break
+                    if _startswith(link, "/"):
+                        parts.clear()
+                    pending.extend(_reversed(_split(link, "/")))
+                target = None if pending is None else "/" + _join("/", parts)
+            if target is None or not (target == _devnull or _startswith(target + "/", roots)):
+                shown = _repr(path) if _type(path) is _str or _type(path) is _bytes else "that path"
+                if event != "open":
+                    raise _PermissionError("sandbox: " + event + " on " + shown + " is not allowed")
+                what = "writing " if writing else "reading "
+                raise _PermissionError(
+                    "sandbox: " + what + shown + " is not allowed outside the working directory"
+                )
+        if writing and _next(_writes) >= _max_writes:
+            raise _PermissionError(
+                "sandbox: at most " + _repr(_max_writes) + " files may be opened for writing"
+            )
 
     return hook
 
