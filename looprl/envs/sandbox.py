@@ -5,33 +5,54 @@
 on each argument list and reports what each call returned (or raised). The caller
 compares the returned values with the expected ones; those never enter the sandbox.
 
-Threat model. The code is untrusted: it may try to read or write files, open network
-connections, start processes, exhaust memory, CPU or disk, flood its output, exit early,
-print fake results, or tamper with the harness that runs it (it runs in the same
-process). The layers, from the ones that are a boundary to the ones that are not:
+Threat model. The code is untrusted and, in RL, optimised against its reward: it may try
+to read or write files, open network connections, start programs, signal or trace other
+processes, exhaust memory, CPU or disk, flood its output, exit early, print fake
+results, or tamper with the harness that runs it (it runs in the same process). The
+layers, from the ones that are a boundary to the ones that are not (`SandboxResult.layers`
+names those a run had; `isolation()` says which this machine gives, and why not the rest):
 
 * **A separate process** in its own session, killed with its whole process group (and,
   without a PID namespace, every process left in its session) at the wall-clock
   deadline. A crash, `os._exit`, or a hang costs one run, never the caller.
+* **A jail** ("mountns", "pidns"), where bubblewrap (`bwrap`) is installed and may make
+  namespaces: a private mount namespace whose root is an empty read-only tmpfs holding
+  only the interpreter, the shared libraries it and its extension modules load, the
+  standard library (its `site-packages` hidden) and the child script, all read-only; a
+  private, size-capped `/tmp` (the working directory lies in it) and `/dev/shm`; a
+  private `/proc` of a new PID namespace, so that no host process, file, or host
+  `/proc` entry is visible, and every process the code forks dies with the run; new
+  IPC, UTS (host name `sandbox`) and cgroup namespaces. Without bwrap the child still
+  makes a PID namespace of its own where the kernel allows.
+* **A network namespace** ("netns") made by the child as root (before it drops its
+  privileges, so nothing inside can configure it) or inside its user namespace: its
+  loopback is down, so no connection can be made, to the host's loopback either.
+* **A uid of its own** ("uid", "uid-per-run"). As root (as in CI), the child drops to a
+  uid drawn at random per run from a range no account uses (`UID_RANGE`), with no
+  supplementary groups, before it reads the code: no other sandbox shares it, so
+  `RLIMIT_NPROC` binds each run alone, and no run can signal or trace another's
+  processes; only world-readable files are readable and nothing outside world-writable
+  places is writable. Where user namespaces are unavailable, every run drops to `nobody`
+  (65534) instead, shared by all.
+* **A user namespace** ("userns"), in which that uid appears as `nobody` (65534), which is
+  what the code sees.
+* **No capabilities, and a seccomp filter** ("seccomp", x86_64 and aarch64): no `execve`
+  (no program can be run, not even the interpreter again), no signals to any process but
+  through the kernel, no `ptrace`, no new namespaces or mounts, no io_uring, bpf, perf or
+  keyrings.
 * **Resource limits** (`setrlimit`): CPU seconds, address space, processes, file size,
-  open files, no core dumps.
-* **Another user.** Running as root (as in CI), the child drops to `nobody` (uid and gid
-  65534 where it has no entry) with no supplementary groups before it reads the code, so
-  files that are not world-readable stay out of reach, nothing outside world-writable
-  places can be written, and `RLIMIT_NPROC` binds (it does not bind root).
-* **Namespaces**, as root and where the kernel allows (silently skipped where not): a new
-  network namespace, whose loopback is down, so no connection can be made; a new PID
-  namespace, so every process the code forks dies with the run.
-* **A private working directory**, owned by the sandbox user, removed afterwards, and an
-  environment holding nothing but `PYTHONHASHSEED=0` (for reproducible runs) and UTF-8.
-* **An audit hook** (PEP 578), installed before the code is read: no reads outside the
-  working directory and the standard library, no writes outside the working directory,
-  no sockets, `ctypes`, subprocesses, `fork`, `exec`, signals to other processes, `gc`
-  object walks or further hooks. This is defence in depth, **not** a security
-  boundary: code in the same interpreter can reach around an audit hook (for one,
-  through the interpreter's internals or a bug in them). It is also what keeps
-  world-readable files outside the working directory unread: only the user layer and
-  the hook stand between the code and a world-readable file.
+  open files, no core dumps; the jail's tmpfs sizes bound the memory its files can take.
+* **An environment** holding nothing but `PYTHONHASHSEED=0` (for reproducible runs) and
+  UTF-8, and a private working directory owned by the run's uid, removed afterwards.
+* **An audit hook** (PEP 578, "audit"), installed before the code is read: no reads
+  outside the working directory and the standard library, no writes outside the working
+  directory (at most 64 files), no sockets, `ctypes`, subprocesses, `fork`, `exec`,
+  signals to other processes, tracing, `gc` object walks or further hooks. Its policy is
+  frozen into it (default arguments, never module globals or `builtins`), so rebinding
+  names in `__main__` or `builtins` does not loosen it. It is still defence in depth,
+  **not** a security boundary: code in the same interpreter can reach around an audit
+  hook (for one, through the interpreter's internals or a bug in them). The layers above
+  hold without it; the tests run each attack with the hook and again without it.
 * **Results it cannot forge.** Results travel on a pipe of their own as JSON lines
   prefixed by a random per-run nonce that only the harness was told (through stdin,
   before the code ran). The code can find the nonce (it shares the process), so the
@@ -41,16 +62,22 @@ process). The layers, from the ones that are a boundary to the ones that are not
   Stopping early (`sys.exit`, `os._exit`, a crash) leaves the remaining calls without
   results, which count as failures.
 
-Not covered: disk usage inside the working directory beyond the per-file size limit, a
-sleeping process that escaped with `setsid` where there is no PID namespace, kernel
-exploits, side channels, and anything when the caller is not root (then only the
-process, limits, working directory and audit hook apply). Run it in a container or VM
-for a stronger boundary.
+Where a layer is missing, `run_function` logs one warning naming it, and the layers
+that remain are all there is. Without bwrap or namespaces (e.g. an unprivileged
+container), world-readable host files and world-writable places such as `/tmp` are kept
+from the code only by the audit hook (as root, files the run's uid left in `/tmp`,
+`/var/tmp` and `/dev/shm` are removed afterwards); without root there is no uid of the
+run's own, and the trainer's processes are protected only by the PID namespace, if any,
+and the hook. Not covered in any case: kernel exploits, side channels (timing, the CPU
+and memory load of other runs), host information in the jail's `/proc` (kernel version,
+CPU and memory totals), and inode exhaustion of the jail's tmpfs within the time limit.
+For a stronger boundary, run training in a VM.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import marshal
 import math
 import os
@@ -62,27 +89,46 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 CHILD_SCRIPT = str(Path(__file__).with_name("sandbox_child.py"))
 SANDBOX_USER = "nobody"
 NOBODY_ID = 65534
+# Per-run uids are drawn from here: above the ranges distributions give accounts
+# (< 60000), systemd's dynamic users (61184-65519) and the usual subordinate-id ranges
+# of rootless containers (from 100000, 65536 per user), and below 2**31, which some
+# tools still read as signed.
+UID_RANGE = (1_000_000_000, 2_000_000_000)
 CHILD_ENV = {"PYTHONHASHSEED": "0", "PYTHONUTF8": "1", "PYTHONCOERCECLOCALE": "0"}
 KILL_OUTPUT_FACTOR = 64  # output past this many times the kept amount ends the run
 MAX_RESULT_BYTES = 16 * 2**20
 MAX_LINE_BYTES = 2**20  # a harness line holds at most ~100 KB of value and 2 KB of traceback
 GRACE_S = 0.2  # after the harness says it is done, how long to wait for the pipes' EOF
 READ_CHUNK = 65536
+# The jail's /tmp (which holds the working directory) and /dev/shm hold at most this
+# many files of the largest allowed size: the audit hook's 64 write opens, and a few.
+JAIL_TMP_FILES = 64
+JAIL_SHM_FILES = 4
+# Extension modules whose extra shared libraries stay out of the jail (GUI, terminal,
+# databases, TLS, NIS): they then fail to import, as sandboxed code has no use for them.
+SKIPPED_EXTENSIONS = frozenset(
+    {"_tkinter", "readline", "_curses", "_curses_panel", "nis", "_dbm", "_gdbm", "_ssl", "_crypt"}
+)
+PROBE_TIMEOUT_S = 30.0  # the one-off check that the layers work; generous for a busy machine
+HOST_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable places cleaned without a jail
+ALL_LAYERS = ("mountns", "pidns", "netns", "uid", "uid-per-run", "userns", "seccomp", "audit")
 SIGNAL_REASONS = {
     "SIGXCPU": "CPU time limit exceeded",
     "SIGKILL": "killed (CPU or memory limit)",
     "SIGSEGV": "crashed (segmentation fault)",
     "SIGXFSZ": "file size limit exceeded",
 }
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,7 +207,9 @@ class SandboxResult:
         problem: Why the run stopped before finishing (a timeout, a limit, a crash, an
             early exit), if it did.
         output: What the code printed (stdout and stderr), cut to the kept amount.
-        layers: The isolation layers the child reported: "uid", "netns", "pidns", "audit".
+        layers: The isolation layers the child reported, of `ALL_LAYERS`: "mountns"
+            (the jail), "pidns", "netns", "uid", "uid-per-run", "userns", "seccomp",
+            "audit".
     """
 
     calls: tuple[CallOutcome | None, ...]
@@ -169,6 +217,40 @@ class SandboxResult:
     problem: str | None
     output: str
     layers: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What this machine gives a run.
+
+    Attributes:
+        layers: The layers a run with the audit hook has here (see `ALL_LAYERS`).
+        missing: Each layer it lacks, with why (what to install or allow to get it).
+    """
+
+    layers: frozenset[str]
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How runs are set up here: chosen once per process by `_plan`, after a probe run.
+
+    Attributes:
+        jail: bwrap and its fixed arguments, or None without a jail.
+        userns: Whether the child enters a user namespace (where its uid is 65534).
+        own_uid: Whether each run (as root) gets a uid of its own, not `nobody`.
+    """
+
+    jail: tuple[str, ...] | None
+    userns: bool
+    own_uid: bool
+
+
+_plan_lock = threading.Lock()
+_chosen: tuple[_Plan, Isolation] | None = None
+_uids_lock = threading.Lock()
+_uids_in_use: set[int] = set()
 
 
 def run_function(
@@ -179,6 +261,7 @@ def run_function(
     *,
     audit_hook: bool = True,
     preload: Sequence[str] = (),
+    expose: Sequence[str | os.PathLike[str]] = (),
 ) -> SandboxResult:
     """Defines `code` in a sandbox and calls `function(*arguments)` for each of `calls`.
 
@@ -190,30 +273,226 @@ def run_function(
         audit_hook: Install the in-process audit hook. Turning it off leaves only the
             OS-level layers, which is what tests of those layers need.
         preload: Extra standard modules to import before the privileges are dropped.
+        expose: Host paths to make visible inside the jail, read-write at the same path,
+            so that their own permissions decide what the run's uid may do there: what
+            tests of the uid layer need. Without a jail every host path is visible.
 
     Returns:
         The outcomes. Whatever the code does, this returns (it raises only if the
         sandbox cannot be started at all, e.g. out of file descriptors).
     """
-    limits = limits or SandboxLimits()
-    nonce = secrets.token_hex(16)
-    user = sandbox_user()
-    work_dir = tempfile.mkdtemp(prefix="looprl-sandbox-")
-    read_fd = write_fd = -1
+    plan, _ = _plan()
+    return _run(plan, code, function, calls, limits or SandboxLimits(), audit_hook, preload, expose)
+
+
+def isolation() -> Isolation:
+    """The layers runs get on this machine, and why any are missing (probed once)."""
+    return _plan()[1]
+
+
+def sandbox_user() -> tuple[int, int] | None:
+    """`(uid, gid)` of `nobody`, which runs drop to as root without user namespaces.
+
+    None when not running as root (then runs keep the caller's uid).
+    """
+    if os.geteuid() != 0:
+        return None
     try:
-        if user is not None:
-            os.chown(work_dir, *user)
+        entry = pwd.getpwnam(SANDBOX_USER)
+    except KeyError:
+        return NOBODY_ID, NOBODY_ID
+    return entry.pw_uid, entry.pw_gid
+
+
+# --- choosing the layers ------------------------------------------------------------
+
+
+def _plan() -> tuple[_Plan, Isolation]:
+    global _chosen
+    with _plan_lock:
+        if _chosen is None:
+            _chosen = _choose_plan()
+        return _chosen
+
+
+def _choose_plan() -> tuple[_Plan, Isolation]:
+    """Probes the strongest setup, then weaker ones; warns once about what is missing."""
+    root = os.geteuid() == 0
+    missing: dict[str, str] = {}
+    jail, why_no_jail = _jail_arguments(root)
+    candidates = [_Plan(None, True, root)]
+    if jail is not None:
+        candidates.insert(0, _Plan(jail, True, root))
+    plan, result = candidates[-1], None
+    for candidate in candidates:
+        result, why = _probe(candidate)
+        if result is not None:
+            plan = candidate
+            break
+        if candidate.jail is not None:
+            why_no_jail = f"bwrap could not start a jail here: {why}"
+    if result is None:  # not even the child's own namespaces: the layers of old
+        plan = _Plan(None, False, False)
+        result, why = _probe(plan)
+        if result is None:
+            raise RuntimeError(f"The sandbox cannot run a trivial function here: {why}")
+    if plan.userns and "userns" not in result.layers:  # the kernel refused: share `nobody`
+        missing["userns"] = "the kernel refused an unprivileged user namespace"
+        plan = replace(plan, userns=False, own_uid=False)
+        result, _ = _probe(plan)
+        if result is None:
+            raise RuntimeError("The sandbox cannot run a trivial function here")
+    layers = result.layers
+    if plan.jail is None:
+        missing["mountns"] = why_no_jail or "no jail"
+    for layer, why in (
+        ("pidns", "the kernel refused a PID namespace"),
+        ("netns", "the kernel refused a network namespace"),
+        ("seccomp", f"no seccomp filter for {os.uname().machine} or the kernel refused it"),
+        ("uid", "not running as root: runs keep the caller's uid"),
+        ("uid-per-run", "not running as root: runs keep the caller's uid" if not root
+         else "without user namespaces every run drops to nobody"),  # fmt: skip
+    ):
+        if layer not in layers:
+            missing.setdefault(layer, why)
+    if missing:
+        details = "; ".join(f"{layer}: {why}" for layer, why in missing.items())
+        log.warning(
+            "looprl sandbox: some isolation layers are unavailable here, so model code is "
+            "contained by the others alone: %s. See the docstring of looprl.envs.sandbox; "
+            "`make setup` installs bubblewrap (as root, on Debian).",
+            details,
+        )
+    return plan, Isolation(frozenset(layers), missing)
+
+
+def _probe(plan: _Plan) -> tuple[SandboxResult | None, str]:
+    """Runs a trivial function under `plan`: the result if it worked, else why not."""
+    result = _run(plan, "def f():\n    return 1\n", "f", [[]],
+                  SandboxLimits(timeout_s=PROBE_TIMEOUT_S), True, (), ())  # fmt: skip
+    if result.calls == (CallOutcome(1),) and result.problem is None:
+        return result, ""
+    why = result.load_error or result.problem or "no result"
+    return None, f"{why}: {result.output.strip()[:300]}" if result.output.strip() else why
+
+
+def _jail_arguments(root: bool) -> tuple[tuple[str, ...] | None, str]:
+    """bwrap's fixed arguments (the read-only root), or None and why there is no jail."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bubblewrap (bwrap) is not installed"
+    exe = os.path.realpath(sys.executable)
+    stdlib = os.path.dirname(os.path.realpath(os.__file__))
+    dynload = os.path.join(stdlib, "lib-dynload")
+    extensions = [
+        os.path.join(dynload, name)
+        for name in (sorted(os.listdir(dynload)) if os.path.isdir(dynload) else [])
+        if name.endswith(".so") and name.partition(".")[0] not in SKIPPED_EXTENSIONS
+    ]
+    libraries, why = _shared_libraries([exe, *extensions])
+    if libraries is None:
+        return None, why
+    binds = {exe: exe, stdlib: stdlib}
+    for library in libraries:
+        if not library.startswith(stdlib + os.sep):
+            binds[library] = os.path.realpath(library)
+    args = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--hostname", "sandbox"]  # fmt: skip
+    if root:  # the child keeps only what it needs to make its netns and drop to its uid
+        args += ["--cap-drop", "ALL"]
+        args += [a for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SYS_ADMIN") for a in ("--cap-add", cap)]
+    else:  # bwrap itself needs a user namespace; the child makes its own inside it
+        args += ["--unshare-user", "--uid", str(NOBODY_ID), "--gid", str(NOBODY_ID)]
+    args += _directories(binds)
+    for dest, source in binds.items():
+        args += ["--ro-bind", source, dest]
+    site = os.path.join(stdlib, "site-packages")
+    if os.path.isdir(site):  # installed packages are not the standard library
+        args += ["--perms", "0555", "--tmpfs", site]
+    args += _directories({CHILD_SCRIPT: CHILD_SCRIPT})  # again: some may lie in that tmpfs
+    args += ["--ro-bind", os.path.realpath(CHILD_SCRIPT), CHILD_SCRIPT]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if os.path.isdir(site):
+        args += ["--remount-ro", site]
+    return tuple(args), ""
+
+
+def _directories(binds: dict[str, str]) -> list[str]:
+    """`--dir` arguments for every ancestor of the bind targets, world-traversable.
+
+    bwrap would make them with the mode of their host counterparts (`/root` is 0700),
+    which would keep the run's uid out of the interpreter.
+    """
+    ancestors = set()
+    for dest in binds:
+        parent = os.path.dirname(dest)
+        while parent not in ("/", ""):
+            ancestors.add(parent)
+            parent = os.path.dirname(parent)
+    return [a for d in sorted(ancestors) for a in ("--perms", "0755", "--dir", d)]
+
+
+def _shared_libraries(files: list[str]) -> tuple[list[str] | None, str]:
+    """The shared libraries `files` load, as the dynamic loader finds them (`ldd`)."""
+    ldd = shutil.which("ldd") or ("/usr/bin/ldd" if os.path.exists("/usr/bin/ldd") else None)
+    if ldd is None:
+        return None, "ldd is not installed, so the interpreter's libraries cannot be listed"
+    try:
+        listing = subprocess.run([ldd, *files], capture_output=True, text=True, timeout=120,
+                                 env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"ldd failed: {error}"
+    libraries = set()
+    for line in listing.splitlines():
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else (words[0] if words else "")
+        if path.startswith("/") and os.path.exists(path):
+            libraries.add(path)
+    if not libraries:
+        return None, "ldd listed no shared libraries for the interpreter"
+    return sorted(libraries), ""
+
+
+# --- one run ------------------------------------------------------------------------
+
+
+def _run(
+    plan: _Plan,
+    code: str,
+    function: str,
+    calls: Sequence[Sequence[Any]],
+    limits: SandboxLimits,
+    audit_hook: bool,
+    preload: Sequence[str],
+    expose: Sequence[str | os.PathLike[str]],
+) -> SandboxResult:
+    nonce = secrets.token_hex(16)
+    uid = _take_uid() if plan.own_uid else None
+    user = (uid, uid) if uid is not None else sandbox_user()
+    host_dir = None if plan.jail is not None else tempfile.mkdtemp(prefix="looprl-sandbox-")
+    read_fd = write_fd = args_fd = -1
+    try:
+        if host_dir is not None and user is not None:
+            os.chown(host_dir, *user)
         read_fd, write_fd = os.pipe()
         config = {
             "uid": None if user is None else user[0],
             "gid": None if user is None else user[1],
+            "own_uid": uid is not None,
+            "userns": plan.userns,
+            "layers": [] if plan.jail is None else ["mountns", "pidns"],
+            "work_dir": None if plan.jail is None else f"/tmp/looprl-sandbox-{secrets.token_hex(6)}",
             "result_fd": write_fd,
             "limits": limits.for_child(),
             "audit": audit_hook,
             "preload": list(preload),
         }
         stdin = _payload(config, nonce, code, function, calls)
-        process = _start(write_fd, work_dir)
+        argv = _child_argv()
+        if plan.jail is not None:
+            args_fd = _jail_options(plan.jail, limits, expose)
+            argv = [plan.jail[0], "--args", str(args_fd), "--", *argv]
+        process = _start(argv, (write_fd,) + ((args_fd,) if args_fd >= 0 else ()), host_dir)
         os.close(write_fd)  # the child holds the only write end: its exit is our EOF
         write_fd = -1
         streams = _Streams(nonce, limits.max_output_chars)
@@ -222,22 +501,84 @@ def run_function(
         finally:
             _stop(process, streams.layers)
     finally:
-        for fd in (read_fd, write_fd):
+        for fd in (read_fd, write_fd, args_fd):
             if fd >= 0:
                 os.close(fd)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return streams.result(len(calls), process.returncode, limits.timeout_s)
+        if host_dir is not None:
+            shutil.rmtree(host_dir, ignore_errors=True)
+            if uid is not None:  # no jail: what this run's uid left in the host's /tmp
+                _remove_files_of(uid)
+        if uid is not None:
+            with _uids_lock:
+                _uids_in_use.discard(uid)
+    returncode = process.returncode
+    if plan.jail is not None and returncode is not None and 128 < returncode <= 128 + 64:
+        returncode = 128 - returncode  # bwrap exits 128 + N when its child died of signal N
+    return streams.result(len(calls), returncode, limits.timeout_s)
 
 
-def sandbox_user() -> tuple[int, int] | None:
-    """`(uid, gid)` of the user the child drops to, or None when not running as root."""
-    if os.geteuid() != 0:
-        return None
+def _take_uid() -> int:
+    """A uid from `UID_RANGE` that no account and no other run of this process has."""
+    low, high = UID_RANGE
+    with _uids_lock:
+        while True:
+            uid = low + secrets.randbelow(high - low)
+            if uid in _uids_in_use:
+                continue
+            try:
+                pwd.getpwuid(uid)
+            except KeyError:
+                _uids_in_use.add(uid)
+                return uid
+
+
+def _remove_files_of(uid: int) -> None:
+    """Removes what `uid` (one run's own) left at the top of the host's world-writable dirs."""
+    for directory in HOST_TMP_DIRS:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+
+
+def _jail_options(fixed: tuple[str, ...], limits: SandboxLimits, expose: Sequence[Any]) -> int:
+    """A pipe's read end holding bwrap's options for this run, NUL-separated.
+
+    Passed as `--args FD`, so that the jail's `/proc/1/cmdline` (and the host's process
+    list) shows `bwrap --args N` instead of every path bound into it.
+    """
+    file_bytes = limits.max_file_kb * 1024
+    options = list(fixed[1:])
+    options += ["--perms", "1777", "--size", str(JAIL_TMP_FILES * file_bytes), "--tmpfs", "/tmp"]
+    options += ["--perms", "1777", "--size", str(JAIL_SHM_FILES * file_bytes),
+                "--tmpfs", "/dev/shm"]  # fmt: skip
+    shown = {os.path.abspath(os.fspath(p)): os.path.realpath(os.fspath(p)) for p in expose}
+    options += _directories(shown)
+    for dest, source in shown.items():
+        options += ["--bind", source, dest]
+    options += ["--remount-ro", "/", "--chdir", "/"]
+    data = b"".join(os.fsencode(option) + b"\0" for option in options)
+    read_fd, write_fd = os.pipe()
     try:
-        entry = pwd.getpwnam(SANDBOX_USER)
-    except KeyError:
-        return NOBODY_ID, NOBODY_ID
-    return entry.pw_uid, entry.pw_gid
+        if len(data) > 60_000:  # more than a pipe takes without a reader
+            raise ValueError(f"bwrap's options take {len(data)} bytes; expose fewer paths")
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 def _payload(
@@ -253,19 +594,25 @@ def _payload(
                           "calls": arguments})  # fmt: skip
 
 
-def _start(result_fd: int, work_dir: str) -> subprocess.Popen:
+def _child_argv() -> list[str]:
     # -S: no site (no site-packages, no .pth code); -B: no bytecode written; -P (3.11+):
     # the script's folder stays off sys.path. The environment is ours, so -E/-I add nothing.
     # The parent's pid is only there so that a process listing shows whose sandbox it is.
+    # The interpreter's real path: a venv's `python` is a symlink whose pyvenv.cfg the
+    # jail does not hold.
     flags = ["-S", "-B", *(["-P"] if sys.version_info >= (3, 11) else [])]
+    return [os.path.realpath(sys.executable), *flags, CHILD_SCRIPT, str(os.getpid())]
+
+
+def _start(argv: list[str], pass_fds: tuple[int, ...], work_dir: str | None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, *flags, CHILD_SCRIPT, str(os.getpid())],
+        argv,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        cwd=work_dir,
+        cwd=work_dir or "/",
         env=dict(CHILD_ENV),
-        pass_fds=(result_fd,),
+        pass_fds=pass_fds,
         start_new_session=True,  # its own process group, killed as a whole
     )
 

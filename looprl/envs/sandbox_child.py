@@ -1,21 +1,24 @@
 """The child side of `looprl.envs.sandbox`: runs one untrusted program's function on inputs.
 
 `looprl.envs.sandbox` starts this file as a script in a fresh interpreter
-(`python -S -B [-P] sandbox_child.py PARENT_PID`, its own session, temporary directory
-and a near-empty environment); looprl never imports it. Everything happens in this
-order, so that no model-written code runs before the boundary is up:
+(`python -S -B [-P] sandbox_child.py PARENT_PID`, its own session and a near-empty
+environment; where bubblewrap works, inside a jail whose root holds only the interpreter
+and its standard library); looprl never imports it. Everything happens in this order, so
+that no model-written code runs before the boundary is up:
 
 1. Read the payload (settings, per-run nonce, code, function name, inputs; `marshal`, from
    the trusted parent) from stdin, then close stdin. It is data: nothing in it runs yet.
 2. Import the standard modules the code imports, if they are on the allowlist
-   `IMPORTABLE`, while the interpreter's files are still readable (the sandbox user
-   often cannot read them, e.g. under `/root`). Found by reading the code's `import`
-   lines as text; other imports may fail later.
-3. If root: enter new network and PID namespaces where the kernel allows it (silently
-   skipped where not), then drop to the sandbox user (no supplementary groups).
+   `IMPORTABLE`, while the interpreter's files are still readable (without the jail the
+   sandbox user often cannot read them, e.g. under `/root`). Found by reading the code's
+   `import` lines as text; other imports may fail later.
+3. Isolate (see `isolate`): new PID and network namespaces, the run's own unprivileged
+   uid, a user namespace in which that uid is `nobody` (65534), no capabilities, and a
+   seccomp filter (no `exec`, no signals to other processes, no new namespaces); each
+   where the kernel allows it, and reported as a layer only if it took.
 4. Lower the resource limits: CPU seconds, address space, processes, file size, open
    files, no core dumps.
-5. Install the audit hook (defence in depth; see `looprl.envs.sandbox`).
+5. Install the audit hook (defence in depth; see `audit_hook`).
 6. Run the code, call the function on each input, and report each outcome as one
    nonce-prefixed JSON line on the result pipe, then `os._exit(0)`.
 
@@ -23,8 +26,9 @@ The parent keeps the expected outputs: this process only reports what the functi
 returned, so whatever it writes, it cannot make a wrong answer count as right.
 
 Startup time is most of a run's cost, so this imports only built-in and tiny modules
-(`json`, `traceback` and `signal` would double it): results are encoded by hand with
-`_json`'s string escaper, and tracebacks are formatted by hand.
+(`json`, `traceback` and `signal` would double it; the kernel calls go through `_ctypes`
+directly, not the `ctypes` package): results are encoded by hand with `_json`'s string
+escaper, and tracebacks are formatted by hand.
 """
 
 import builtins
@@ -37,8 +41,8 @@ import sys
 from _json import encode_basestring_ascii as json_string
 
 # Pure-computation standard modules a solution may import: imported before the privilege
-# drop (when the code imports them), since the sandbox user may not be able to read the
-# interpreter's files at all.
+# drop (when the code imports them), since without the jail the sandbox user may not be
+# able to read the interpreter's files at all.
 IMPORTABLE = frozenset(
     {
         "abc", "array", "bisect", "calendar", "cmath", "collections", "collections.abc",
@@ -83,14 +87,58 @@ WRITE_EVENTS = frozenset(
 # Events whose path arguments must lie in the working directory or the import path.
 READ_EVENTS = frozenset({"os.listdir", "os.scandir", "glob.glob", "glob.glob/2", "os.listxattr"})
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-CLONE_NEWNET = 0x40000000
-CLONE_NEWPID = 0x20000000
 MAX_WRITE_OPENS = 64  # with the file size limit, bounds the disk a run can fill
+SANDBOX_ID = 65534  # the uid and gid the code sees inside its user namespace ("nobody")
 INFINITY = float("inf")
 MAX_TRACEBACK_CHARS = 2_000
 MAX_VALUE_CHARS = 100_000
 MAX_DEPTH = 50
 SOLUTION_FILE = "solution.py"
+
+# Kernel interface constants (linux/sched.h, linux/prctl.h, linux/seccomp.h, linux/filter.h,
+# linux/audit.h, linux/capability.h): Python 3.11 has no bindings for them.
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
+CLONE_NEWIPC, CLONE_NEWUSER = 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+NAMESPACE_FLAGS = (
+    CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+    | CLONE_NEWPID | CLONE_NEWNET
+)  # fmt: skip
+PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
+EPERM, ENOSYS = 1, 38
+CAPABILITY_VERSION_3 = 0x20080522
+# Per machine: the audit arch, then syscall numbers. Refused (EPERM): running programs,
+# signalling or tracing other processes, new namespaces or mounts (a user namespace would
+# hand the code every capability inside it), and kernel interfaces that only widen the
+# attack surface (io_uring, bpf, perf, userfaultfd, keyrings). clone3 answers ENOSYS, so
+# that glibc falls back to clone, whose flags the filter can read.
+SYSCALLS = {
+    "x86_64": (0xC000003E, {
+        "execve": 59, "execveat": 322, "kill": 62, "tkill": 200, "tgkill": 234,
+        "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424,
+        "pidfd_open": 434, "pidfd_getfd": 438, "ptrace": 101, "process_vm_readv": 310,
+        "process_vm_writev": 311, "unshare": 272, "setns": 308, "mount": 165,
+        "umount2": 166, "pivot_root": 155, "chroot": 161, "open_tree": 428,
+        "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+        "mount_setattr": 442, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+        "keyctl": 250, "add_key": 248, "request_key": 249, "clone": 56, "clone3": 435,
+    }),
+    "aarch64": (0xC00000B7, {
+        "execve": 221, "execveat": 281, "kill": 129, "tkill": 130, "tgkill": 131,
+        "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424,
+        "pidfd_open": 434, "pidfd_getfd": 438, "ptrace": 117, "process_vm_readv": 270,
+        "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
+        "pivot_root": 41, "chroot": 51, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+        "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280,
+        "perf_event_open": 241, "userfaultfd": 282, "keyctl": 219, "add_key": 217,
+        "request_key": 218, "clone": 220, "clone3": 435,
+    }),
+}  # fmt: skip
+X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: other numbers for the same calls
 
 
 class Unreportable(Exception):
@@ -100,14 +148,18 @@ class Unreportable(Exception):
 def main() -> None:
     own_dir = os.path.dirname(os.path.realpath(__file__))
     sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != own_dir]
+    os.environ.pop("PWD", None)  # bwrap sets it; the environment is otherwise the parent's
     payload = marshal.loads(sys.stdin.buffer.read())
     os.close(0)
     sys.stdin = None  # input() now raises instead of blocking
     config = payload["config"]
     for name in imported_modules(payload["code"]) & IMPORTABLE | set(config["preload"]):
         __import__(name)
-    layers = isolate(config["uid"], config["gid"], config["result_fd"])
+    layers = isolate(config)
     limit_resources(config["limits"])
+    if config["work_dir"] is not None:  # in the jail: made here, so that the run's uid owns it
+        os.mkdir(config["work_dir"], 0o700)
+        os.chdir(config["work_dir"])
     reporter = Reporter(config["result_fd"], payload.pop("nonce"))
     if config["audit"]:
         sys.addaudithook(audit_hook(os.getcwd(), tuple(p for p in sys.path if p)))
@@ -136,49 +188,75 @@ def imported_modules(code: str) -> set[str]:
 # --- isolation -------------------------------------------------------------------
 
 
-def isolate(uid: int | None, gid: int | None, result_fd: int) -> list[str]:
-    """Enters namespaces and drops privileges (as root); returns the layers now active."""
-    if uid is None or os.geteuid() != 0:
-        return []
-    layers = unshare()
-    if "pidns" in layers:
-        fork_into_pid_namespace(result_fd)
+def isolate(config: dict) -> list[str]:
+    """Enters namespaces, drops privileges and filters syscalls; returns the layers now active.
+
+    `config["layers"]` are those the parent's jail already set up ("mountns", "pidns").
+    As root, the child first enters what it can as root (a PID namespace where the jail
+    gave none; a network namespace, owned by the host's user namespace, so that nothing
+    inside can ever configure it), then drops to the run's uid (`config["uid"]`, one no
+    other run uses where `config["own_uid"]`). Then, where `config["userns"]`, it enters a
+    user namespace in which its uid is `nobody` (65534): what the code sees, whatever uid
+    the host knows it by. Last it gives up every capability and installs the seccomp
+    filter, which also stops any later namespace change.
+    """
+    layers = list(config["layers"])
+    native = Native.load()
+    if os.geteuid() == 0 and config["uid"] is not None:
+        if "pidns" not in layers and native.unshare(CLONE_NEWPID):
+            fork_into_pid_namespace(config["result_fd"])
+            layers.append("pidns")
+        if native.unshare(CLONE_NEWNET):
+            layers.append("netns")
+        drop_to(config["uid"], config["gid"])
+        layers += ["uid", "uid-per-run"] if config["own_uid"] else ["uid"]
+        native.prctl(PR_SET_DUMPABLE, 1)  # the uid change made /proc/self root's; the maps need it
+    if config["userns"] and native.available:
+        flags = CLONE_NEWUSER | (0 if "netns" in layers else CLONE_NEWNET)
+        flags |= 0 if "pidns" in layers else CLONE_NEWPID
+        uid, gid = os.geteuid(), os.getegid()
+        if native.unshare(flags) and map_to_nobody(uid, gid):
+            layers.append("userns")
+            layers += [] if "netns" in layers else ["netns"]
+            if "pidns" not in layers:
+                fork_into_pid_namespace(config["result_fd"])
+                layers.append("pidns")
+    native.prctl(PR_SET_DUMPABLE, 0)
+    native.drop_capabilities()
+    if native.install_seccomp():
+        layers.append("seccomp")
+    native.forget()
+    return layers
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Becomes `uid`/`gid` with no supplementary groups, for good (or exits)."""
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
     try:  # paranoia: a drop that can be undone is no drop
         os.setuid(0)
     except PermissionError:
-        return [*layers, "uid"]
+        return
     os._exit(70)
 
 
-def unshare() -> list[str]:
-    """Enters new network and PID namespaces, each where the kernel allows it."""
-    layers = []
-    for flag, layer in ((CLONE_NEWNET, "netns"), (CLONE_NEWPID, "pidns")):
-        try:
-            call_unshare(flag)
-        except OSError:
-            continue
-        layers.append(layer)
-    return layers
-
-
-def call_unshare(flag: int) -> None:
-    """`unshare(2)`: `os.unshare` on Python 3.12+, else through ctypes (removed again)."""
-    if hasattr(os, "unshare"):
-        os.unshare(flag)
-        return
-    import ctypes  # only here, as root, before any model code; removed again below
-
+def map_to_nobody(uid: int, gid: int) -> bool:
+    """In a fresh user namespace: makes the host's `uid`/`gid` appear as 65534 inside."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(flag) != 0:
-            raise OSError(ctypes.get_errno(), "unshare failed")
-    finally:
-        for name in [m for m in sys.modules if m.startswith(("ctypes", "_ctypes"))]:
-            del sys.modules[name]
+        for name, text in (
+            ("setgroups", "deny"),  # required before an unprivileged gid map
+            ("uid_map", f"{SANDBOX_ID} {uid} 1"),
+            ("gid_map", f"{SANDBOX_ID} {gid} 1"),
+        ):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+    except OSError:
+        return False
+    return os.getuid() == SANDBOX_ID
 
 
 def fork_into_pid_namespace(result_fd: int) -> None:
@@ -199,6 +277,144 @@ def fork_into_pid_namespace(result_fd: int) -> None:
         os.kill(os.getpid(), os.WTERMSIG(status))
         os._exit(128 + os.WTERMSIG(status))  # a signal this interpreter ignores
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+class Native:
+    """The few libc calls the isolation needs, through `_ctypes` (removed again afterwards).
+
+    Each call returns False (or does nothing) where the call or `_ctypes` itself is
+    unavailable, so that a missing layer is reported missing instead of crashing the run.
+    """
+
+    def __init__(self, ctypes_module) -> None:
+        self._c = ctypes_module
+        self.available = ctypes_module is not None
+        if not self.available:
+            return
+        c = ctypes_module
+
+        class Long(c._SimpleCData):
+            _type_ = "l"
+
+        class Function(c.CFuncPtr):
+            _flags_ = c.FUNCFLAG_CDECL | c.FUNCFLAG_USE_ERRNO
+            _restype_ = Long
+
+        class Libc:
+            _handle = c.dlopen(None, getattr(os, "RTLD_NOW", 2))
+
+        self._long, self._function, self._libc = Long, Function, Libc
+
+    @classmethod
+    def load(cls) -> "Native":
+        try:
+            import _ctypes  # only here, before any model code; removed from sys.modules below
+        except ImportError:
+            return cls(None)
+        return cls(_ctypes)
+
+    def _call(self, name: str, *args: int) -> bool:
+        if not self.available:
+            return False
+        try:
+            function = self._function((name, self._libc))
+        except AttributeError:  # no such symbol in this libc
+            return False
+        return function(*(self._long(a) for a in args)) == 0
+
+    def _buffer(self, data: bytes):
+        """A C copy of `data`, alive as long as the returned object."""
+
+        class Char(self._c._SimpleCData):
+            _type_ = "c"
+
+        class Array(self._c.Array):
+            _type_ = Char
+            _length_ = max(len(data), 1)
+
+        return Array.from_buffer_copy(data.ljust(1, b"\0"))
+
+    def unshare(self, flags: int) -> bool:
+        if hasattr(os, "unshare"):  # Python 3.12+
+            try:
+                os.unshare(flags)
+            except OSError:
+                return False
+            return True
+        return self._call("unshare", flags)
+
+    def prctl(self, option: int, value: int) -> bool:
+        return self._call("prctl", option, value, 0, 0, 0)
+
+    def drop_capabilities(self) -> bool:
+        """Empties the effective, permitted and inheritable sets (capset with zeros)."""
+        if not self.available:
+            return False
+        header = self._buffer(CAPABILITY_VERSION_3.to_bytes(4, "little") + bytes(4))
+        data = self._buffer(bytes(24))  # two __user_cap_data_struct of three u32, all zero
+        return self._call("capset", self._c.addressof(header), self._c.addressof(data))
+
+    def install_seccomp(self) -> bool:
+        """Installs `seccomp_filter()` on this process and every process it starts."""
+        program = seccomp_filter(os.uname().machine)
+        if program is None or not self.available:
+            return False
+        code = self._buffer(program)
+        # struct sock_fprog: unsigned short len, 6 bytes of padding, struct sock_filter *
+        fprog = self._buffer((len(program) // 8).to_bytes(2, "little") + bytes(6)
+                             + self._c.addressof(code).to_bytes(8, "little"))  # fmt: skip
+        return self.prctl(PR_SET_NO_NEW_PRIVS, 1) and self._call(
+            "prctl", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._c.addressof(fprog), 0, 0
+        )
+
+    def forget(self) -> None:
+        """Drops `_ctypes` from `sys.modules`: importing it again is an audited import."""
+        self._c = self._long = self._function = self._libc = None
+        self.available = False
+        for name in [m for m in sys.modules if m.startswith(("ctypes", "_ctypes"))]:
+            del sys.modules[name]
+
+
+def seccomp_filter(machine: str) -> bytes | None:
+    """The classic-BPF seccomp program (see `SYSCALLS`), or None on an unknown machine.
+
+    Another architecture's calling convention (i386 through `int 0x80` on x86_64) kills
+    the process: its syscall numbers mean other calls, which the filter does not know.
+    """
+    if machine not in SYSCALLS or sys.byteorder != "little":
+        return None
+    arch, numbers = SYSCALLS[machine]
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|..., BPF_RET
+    denied = [n for name, n in numbers.items() if name not in ("clone", "clone3")]
+    # (code, jump-if-true label, jump-if-false label, k); labels resolve to offsets below
+    program: list[tuple[int, str | None, str | None, int]] = [
+        (load, None, None, 4),  # seccomp_data.arch
+        (jeq, None, "kill", arch),
+        (load, None, None, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        program.append((jge, "deny", None, X32_SYSCALL_BIT))
+    program += [(jeq, "deny", None, n) for n in denied]
+    program += [
+        (jeq, "nosys", None, numbers["clone3"]),
+        (jeq, None, "allow", numbers["clone"]),
+        (load, None, None, 16),  # the low half of clone's first argument: its flags
+        (jset, "deny", "allow", NAMESPACE_FLAGS),
+    ]
+    targets = {
+        "allow": SECCOMP_RET_ALLOW,
+        "deny": SECCOMP_RET_ERRNO | EPERM,
+        "nosys": SECCOMP_RET_ERRNO | ENOSYS,
+        "kill": SECCOMP_RET_KILL_PROCESS,
+    }
+    where = {label: len(program) + i for i, label in enumerate(targets)}
+    out = bytearray()
+    for index, (code, if_true, if_false, k) in enumerate(program):
+        offsets = [0 if label is None else where[label] - index - 1 for label in (if_true, if_false)]
+        out += code.to_bytes(2, "little") + bytes(offsets) + k.to_bytes(4, "little")
+    for value in targets.values():
+        out += ret.to_bytes(2, "little") + bytes(2) + value.to_bytes(4, "little")
+    return bytes(out)
 
 
 def limit_resources(limits: dict) -> None:

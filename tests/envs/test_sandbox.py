@@ -145,7 +145,11 @@ def test_reading_a_file_outside_is_contained(outside_dir, tmp_path, audit):
         target = tmp_path / "secret.txt"
         target.write_text(secret)
         target.chmod(0o600)
-    result = run(f"def f():\n    return open({str(target)!r}).read()\n", audit=audit)
+    # The jail hides the host's files (tests/envs/test_sandbox_attacks.py checks that):
+    # exposing tmp_path inside it lets this test check the uid layer on its own.
+    result = run(
+        f"def f():\n    return open({str(target)!r}).read()\n", audit=audit, expose=[tmp_path]
+    )
     assert failed(result) and secret not in text_of(result)
     assert ("is not allowed outside" if audit else "Permission denied") in result.calls[0].error
 
@@ -154,7 +158,8 @@ def test_reading_a_file_outside_is_contained(outside_dir, tmp_path, audit):
 def test_writing_a_file_outside_is_contained(outside_dir, tmp_path, audit):
     targets = [tmp_path / "written.txt"] + ([outside_dir / "written.txt"] if audit else [])
     for target in targets:
-        result = run(f"def f():\n    open({str(target)!r}, 'w').write('x')\n", audit=audit)
+        code = f"def f():\n    open({str(target)!r}, 'w').write('x')\n"
+        result = run(code, audit=audit, expose=[tmp_path])  # as above: the uid layer alone
         assert failed(result) and not target.exists()
         assert ("is not allowed outside" if audit else "Permission denied") in result.calls[0].error
 
