@@ -2,14 +2,22 @@
 
 Runs Gymnasium's own checker, then what looprl adds to the contract: determinism under
 a seed, replay of a partial history restoring the same state, robustness to malformed
-and hostile actions, and an oracle that solves the tasks.
+and hostile actions, and an oracle that solves the tasks. An env with a `run_tests` tool
+that takes `code` (looprl/Code-v0) also gets attacks on its sandbox, made as a model
+makes them, each checked on the host: the attack must achieve nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
+import tempfile
+import textwrap
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import gymnasium
@@ -133,6 +141,160 @@ def _check_empty_policy(make: Callable[[], gymnasium.Env], episodes: int) -> str
     return f"an empty policy solved 0 of {episodes} tasks"
 
 
+def _run_tests(make: Callable[[], gymnasium.Env], code: str) -> str:
+    """What the agent sees after `run_tests(code)` in a fresh episode."""
+    env = make().unwrapped
+    env.reset(seed=0)
+    return str(env.step(format_tool_call("run_tests", {"code": code}))[0])
+
+
+def _attack(*body: str) -> str:
+    """Code that runs `body` once, on load, then each step, printing how each ended.
+
+    `body` (its parts dedented one by one) defines `steps`, (name, callable) pairs; a
+    step that returns is marked ESCAPED.
+    """
+    return "".join(textwrap.dedent(part) for part in body) + textwrap.dedent("""
+        for name, step in steps:
+            try:
+                step()
+                print(name, "ESCAPED")
+            except BaseException as error:
+                print(name, "blocked:", type(error).__name__, str(error)[:60])
+        """)
+
+
+# Rebinds every name the audit hook of old looked up at call time.
+_REBIND_POLICY = """
+    import __main__, builtins, os, posixpath
+    __main__.any = builtins.any = lambda *args: True
+    __main__.DENIED_IMPORTS = __main__.DENIED_EVENTS = frozenset()
+    __main__.DENIED_PREFIXES = ()
+    __main__.MAX_WRITE_OPENS = 10 ** 9
+    posixpath.realpath = os.path.realpath = lambda path, *a, **k: os.getcwd()
+"""
+
+
+def _contained(obs: str, steps: int, *leaks: str) -> str:
+    if "ESCAPED" in obs or any(leak in obs for leak in leaks):
+        raise AssertionError(f"an attack got through: {obs[-400:]}")
+    if obs.count("blocked:") < steps:  # the attack did not run as written: no evidence
+        raise AssertionError(f"the attack did not run: {obs[-400:]}")
+    return f"{steps} of {steps} attempts blocked"
+
+
+def _check_hook_policy(make: Callable[[], gymnasium.Env]) -> str:
+    code = _attack(_REBIND_POLICY, """
+        steps = [("import socket", lambda: __import__("socket")),
+                 ("read /etc/passwd", lambda: open("/etc/passwd").read()),
+                 ("os.system", lambda: os.system("true")),
+                 ("os.fork", lambda: os.fork())]
+        """)  # fmt: skip
+    return "after rebinding the hook's policy: " + _contained(_run_tests(make, code), 4, "root:x:0:0")
+
+
+def _check_host_files(make: Callable[[], gymnasium.Env]) -> str:
+    with tempfile.TemporaryDirectory(prefix="looprl-check-") as directory:
+        os.chmod(directory, 0o755)  # world-readable, as the host's files often are
+        secret = "s3cret-" + secrets.token_hex(8)
+        planted = Path(directory, "secret.txt")
+        planted.write_text(secret)
+        planted.chmod(0o644)
+        own_source = Path(__file__).resolve()
+        paths = [str(planted), "/etc/passwd", str(own_source), "/proc/1/cmdline"]
+        code = _attack(f"steps = [(p, lambda p=p: open(p).read()) for p in {paths!r}]")
+        obs = _run_tests(make, code)
+        host_cmdline = Path("/proc/1/cmdline").read_text(errors="replace")[:40] or "\0"
+        return _contained(obs, len(paths), secret, "root:x:0:0", "_check_host_files", host_cmdline)
+
+
+def _check_host_writes(make: Callable[[], gymnasium.Env]) -> str:
+    names = [f"{place}/looprl-check-{secrets.token_hex(8)}" for place in ("/tmp", "/dev/shm")]
+    code = _attack(f"steps = [(n, lambda n=n: open(n, 'w').write('x')) for n in {names!r}]")
+    try:
+        detail = _contained(_run_tests(make, code), len(names))
+        left = [name for name in names if os.path.exists(name)]
+        if left:
+            raise AssertionError(f"the sandbox wrote {left} on the host")
+        return detail + ", nothing left in /tmp or /dev/shm"
+    finally:
+        for name in names:
+            if os.path.exists(name):
+                os.unlink(name)
+
+
+def _check_programs(make: Callable[[], gymnasium.Env]) -> str:
+    marker = Path(tempfile.gettempdir(), f"looprl-check-{secrets.token_hex(8)}")
+    shell = f"echo ran > {marker}"
+    code = _attack(f"""
+        import os, sys
+        steps = [("os.system", lambda: os.system({shell!r})),
+                 ("subprocess", lambda: __import__("subprocess").run(["sh", "-c", {shell!r}])),
+                 ("os.execv", lambda: os.execv(sys.executable, [sys.executable, "-c", "1"]))]
+        """)  # fmt: skip
+    try:
+        detail = _contained(_run_tests(make, code), 3)
+        if marker.exists():
+            raise AssertionError("a program the sandbox started wrote on the host")
+        return detail
+    finally:
+        if marker.exists():
+            marker.unlink()
+
+
+def _check_network(make: Callable[[], gymnasium.Env]) -> str:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        connect = f"__import__('socket').create_connection(('127.0.0.1', {port}), 2)"
+        code = _attack(f"steps = [('connect', lambda: {connect})]")
+        detail = _contained(_run_tests(make, code), 1)
+        try:
+            listener.accept()
+        except BlockingIOError:
+            return detail + ", nothing reached a loopback listener"
+        raise AssertionError("the sandbox connected to a loopback listener on the host")
+
+
+def _check_signals(make: Callable[[], gymnasium.Env]) -> str:
+    code = _attack(f"""
+        import os
+        steps = [(str(pid), lambda pid=pid: os.kill(pid, 9))  # SIGKILL
+                 for pid in ({os.getpid()}, os.getppid(), -1)]
+        """)  # fmt: skip
+    return _contained(_run_tests(make, code), 3) + " (this process is still alive)"
+
+
+def _check_sandbox_layers() -> str:
+    from looprl.envs.sandbox import isolation
+
+    found = isolation()
+    text = "layers: " + ", ".join(sorted(found.layers))
+    if found.missing:
+        text += "; missing: " + "; ".join(f"{k} ({why})" for k, why in found.missing.items())
+    return text
+
+
+def _sandbox_checks(make: Callable[[], gymnasium.Env]) -> list[tuple[str, Callable[[], str]]]:
+    """The sandbox attacks, for an env whose `run_tests` tool takes `code`; else none."""
+    schemas = make().unwrapped.reset(seed=0)[1]["tools"]
+    if not any(s["function"]["name"] == "run_tests"
+               and "code" in s["function"]["parameters"].get("properties", {})
+               for s in schemas):  # fmt: skip
+        return []
+    return [
+        ("sandbox layers", _check_sandbox_layers),
+        ("sandbox: hook policy", lambda: _check_hook_policy(make)),
+        ("sandbox: host files", lambda: _check_host_files(make)),
+        ("sandbox: host writes", lambda: _check_host_writes(make)),
+        ("sandbox: programs", lambda: _check_programs(make)),
+        ("sandbox: network", lambda: _check_network(make)),
+        ("sandbox: signals", lambda: _check_signals(make)),
+    ]
+
+
 def check(env_id: str, *, episodes: int = 100, hostile: int = 1000, **kwargs: Any) -> list[CheckResult]:
     """Run every check on `env_id` (built with `kwargs`); a failing check does not stop the others."""
     from looprl.envs import make_env
@@ -149,6 +311,7 @@ def check(env_id: str, *, episodes: int = 100, hostile: int = 1000, **kwargs: An
         ("hostile actions", lambda: _check_hostile(make, hostile)),
         ("oracle", lambda: _check_oracle(make, episodes)),
         ("empty policy", lambda: _check_empty_policy(make, min(episodes, 50))),
+        *_sandbox_checks(make),
     ]
     results = []
     for name, run in checks:
