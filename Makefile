@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	# bubblewrap jails the sandbox that runs model-written code (looprl/envs/sandbox.py).
+	# Installed only where missing, and only as root with apt; elsewhere the sandbox warns
+	# and runs without its jail.
+	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || \
+		echo "setup: bubblewrap (bwrap) is not installed: the sandbox will run without its jail"
 
 quickstart: setup
 	$(VENV)/bin/looprl train configs/quickstart.yaml
