@@ -37,9 +37,9 @@ names those a run had; `isolation()` says which this machine gives, and why not 
 * **A user namespace** ("userns"), in which that uid appears as `nobody` (65534), which is
   what the code sees.
 * **No capabilities, and a seccomp filter** ("seccomp", x86_64 and aarch64): no `execve`
-  (no program can be run, not even the interpreter again), no signals to any process but
-  through the kernel, no `ptrace`, no new namespaces or mounts, no io_uring, bpf, perf or
-  keyrings.
+  (no program can be run, not even the interpreter again), no signal sent to any process
+  (`kill`, `tgkill`, `sigqueue`, pidfds; the kernel's own, such as SIGXCPU, still come),
+  no `ptrace`, no new namespaces or mounts, no io_uring, bpf, perf or keyrings.
 * **Resource limits** (`setrlimit`): CPU seconds, address space, processes, file size,
   open files, no core dumps; the jail's tmpfs sizes bound the memory its files can take.
 * **An environment** holding nothing but `PYTHONHASHSEED=0` (for reproducible runs) and
@@ -65,13 +65,15 @@ names those a run had; `isolation()` says which this machine gives, and why not 
 Where a layer is missing, `run_function` logs one warning naming it, and the layers
 that remain are all there is. Without bwrap or namespaces (e.g. an unprivileged
 container), world-readable host files and world-writable places such as `/tmp` are kept
-from the code only by the audit hook (as root, files the run's uid left in `/tmp`,
-`/var/tmp` and `/dev/shm` are removed afterwards); without root there is no uid of the
-run's own, and the trainer's processes are protected only by the PID namespace, if any,
-and the hook. Not covered in any case: kernel exploits, side channels (timing, the CPU
-and memory load of other runs), host information in the jail's `/proc` (kernel version,
-CPU and memory totals), and inode exhaustion of the jail's tmpfs within the time limit.
-For a stronger boundary, run training in a VM.
+from the code only by the audit hook (as root with a uid per run, what that uid left at
+the top of `/tmp`, `/var/tmp` and `/dev/shm` is removed afterwards); without root there
+is no uid of the run's own, and the trainer's processes are protected by the PID
+namespace and the seccomp filter where they exist, and the hook. In the jail, extension
+modules whose libraries it leaves out (`SKIPPED_EXTENSIONS`: sqlite3, bz2, lzma, ...)
+cannot be imported. Not covered in any case: kernel exploits, side channels (timing, the
+CPU and memory load of other runs), host information in the jail's `/proc` (kernel
+version, CPU and memory totals), and inode exhaustion of the jail's tmpfs within the
+time limit. For a stronger boundary, run training in a VM.
 """
 
 from __future__ import annotations
