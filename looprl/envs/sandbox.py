@@ -565,7 +565,9 @@ def _run(
                 _uids_in_use.discard(uid)
     returncode = process.returncode
     if plan.jail is not None and returncode is not None and 128 < returncode <= 128 + 64:
-        returncode = 128 - returncode  # bwrap exits 128 + N when its child died of signal N
+        # bwrap exits 128 + N when its child died of signal N. Code that exits with 128 + N
+        # itself reads the same: it only changes the message of its own failed run.
+        returncode = 128 - returncode
     return streams.result(len(calls), returncode, limits.timeout_s)
 
 
