@@ -50,7 +50,8 @@ def hostile_actions(rng: np.random.Generator, tool_names: list[str], n: int) -> 
             actions.append(format_tool_call(str(rng.choice(names)), args))
         elif kind == 2:  # arguments of the wrong shape
             name = json.dumps(str(rng.choice(names)))
-            actions.append(f'<tool_call>{{"name": {name}, "arguments": {json.dumps(values[int(rng.integers(len(values)))])}}}</tool_call>')
+            arguments = json.dumps(values[int(rng.integers(len(values)))])
+            actions.append(f'<tool_call>{{"name": {name}, "arguments": {arguments}}}</tool_call>')
         else:  # huge or empty text
             actions.append("" if rng.random() < 0.3 else "<tool_call>" * int(rng.integers(1, 50_000)))
     return actions
