@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.looprl-installed
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart lint test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +26,12 @@ setup: $(STAMP)
 quickstart: setup
 	$(VENV)/bin/looprl train configs/quickstart.yaml
 
-test: setup
+# The layer contracts (pyproject.toml, [tool.importlinter]) and ruff, then the tests.
+lint: setup
+	$(VENV)/bin/ruff check looprl tests bench
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: setup

@@ -27,51 +27,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import looprl.train.trainer as trainer  # noqa: E402
 from looprl.config import load_config  # noqa: E402
 from looprl.rollout.weight_sync import SnapshotEngine  # noqa: E402
-from looprl.train.async_loop import recompute_logprobs  # noqa: E402
 from looprl.train.policy import trainable_state  # noqa: E402
+from looprl.train.recipes.onpolicy import OnPolicy  # noqa: E402
+from looprl.train.trainer import train  # noqa: E402
+from looprl.train.update import recompute_logprobs  # noqa: E402
 
 # The async runs' fields: what `recompute_logprobs` writes for each correction.
 FIELDS = {"none": None, "decoupled": "proximal_logprobs", "recompute": "behaviour_logprobs"}
 
 
-def lagged_collect(lag: int):
-    """`collect_step_groups` that samples with the weights of `lag` steps ago."""
-    past: collections.deque = collections.deque()
-    snapshot: dict = {}
+def lagged_recipe(lag: int, field: str | None) -> type:
+    """The on-policy recipe, its rollouts sampled with the weights of `lag` steps ago and,
+    before the update, the current weights' logprobs recorded in `field` (as the async
+    loop does). Lag 0 without a field is the plain on-policy recipe."""
 
-    def collect(cfg, engine, tokenizer, seeds):
-        past.append((trainable_state_copy(engine.model), engine.version))
-        if len(past) > lag + 1:
-            past.popleft()
-        state, version = past[0]  # the oldest kept: `lag` steps old once the run is that far
-        if "engine" not in snapshot:
-            snapshot["engine"] = SnapshotEngine(engine.model, tokenizer, version, prefix_cache=cfg.rollout.prefix_cache)
-        snapshot["engine"].push(state, version)
-        return real_collect(cfg, snapshot["engine"], tokenizer, seeds)
+    class Lagged(OnPolicy):
+        def __init__(self, ctx, fresh: bool):
+            super().__init__(ctx, fresh)
+            self.past: collections.deque = collections.deque()
+            self.snapshot: SnapshotEngine | None = None
 
-    return collect
+        def collect(self, ctx, seeds):
+            if lag == 0:
+                return super().collect(ctx, seeds)
+            self.past.append(({k: t.detach().clone() for k, t in trainable_state(ctx.model).items()}, ctx.version))
+            if len(self.past) > lag + 1:
+                self.past.popleft()
+            state, version = self.past[0]  # the oldest kept: `lag` steps old once the run is that far
+            if self.snapshot is None:
+                self.snapshot = SnapshotEngine(ctx.model, ctx.tokenizer, version,
+                                               prefix_cache=ctx.cfg.rollout.prefix_cache)
+            self.snapshot.push(state, version)
+            return ctx.player(self.snapshot).collect(seeds, ctx.cfg.rollout.group_size)
 
+        def prepare(self, ctx, rows):
+            if rows and field is not None:
+                rows = recompute_logprobs(ctx.model, ctx.tokenizer.pad_token_id, rows, ctx.cfg.rollout.temperature,
+                                          ctx.cfg.algorithm.micro_batch_tokens, field=field)
+            return rows
 
-def trainable_state_copy(model) -> dict:
-    return {name: t.detach().clone() for name, t in trainable_state(model).items()}
-
-
-def corrected_update(field: str | None):
-    """`_update` that first records the current weights' logprobs in `field` (as the async loop does)."""
-
-    def update(cfg, algorithm, model, tokenizer, optimizer, kept):
-        if kept and field is not None:
-            kept = recompute_logprobs(model, tokenizer.pad_token_id, kept, cfg.rollout.temperature,
-                                      cfg.algorithm.micro_batch_tokens, field=field)
-        return real_update(cfg, algorithm, model, tokenizer, optimizer, kept)
-
-    return update
-
-
-real_collect, real_update = trainer.collect_step_groups, trainer._update
+    return Lagged
 
 
 def run_one(name: str, out: Path, args, lag: int, correction: str, overrides: list[str]) -> float:
@@ -80,12 +77,7 @@ def run_one(name: str, out: Path, args, lag: int, correction: str, overrides: li
         "eval.greedy=false", "eval.before_rl=false", f"eval.episodes={args.eval_episodes}", f"train.steps={args.steps}",
         f"sft.steps={args.sft_steps}", f"train.save_every={args.steps}", "rollout.prefix_cache=true", *overrides,
     ])
-    trainer.collect_step_groups = lagged_collect(lag) if lag else real_collect
-    trainer._update = corrected_update(FIELDS[correction])
-    try:
-        results = trainer.train(cfg)
-    finally:
-        trainer.collect_step_groups, trainer._update = real_collect, real_update
+    results = train(cfg, overwrite=True, recipe=lagged_recipe(lag, FIELDS[correction]))
     return results["final"]["sampled"]["success_rate"]
 
 

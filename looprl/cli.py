@@ -32,10 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="looprl", description="Train LLM agents with RL in tool-use environments.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run a recipe: looprl train CONFIG [key=value ...]")
+    p = sub.add_parser("train", help="run a recipe: looprl train CONFIG [key=value ...]",
+                       epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. algorithm.clip_eps=0.2")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace what the run folder holds (deletes it first)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a model, run or checkpoint on an environment")
@@ -48,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens in one turn")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens in one episode")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--engine", choices=("hf", "vllm", "openai"), default="hf",
+                   help="hf: transformers in-process; vllm (GPU, the vllm extra); openai: a server at --openai-url")
+    p.add_argument("--openai-url", help="--engine openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--served-model", help="--engine openai: the model id the server serves (default: --model)")
     p.add_argument("--out", help="JSON report path (default: next to the model)")
     p.add_argument("--baseline", help="an earlier report on the same tasks: print the paired change from it")
     p.set_defaults(func=_eval)
@@ -64,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, help="the most sequences in one generate call")
     p.add_argument("--served-model-name", help="the `model` id clients pass (default: MODEL as given)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="the most sampling requests admitted at once, in flight or waiting; more get 429 at once")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body in bytes (413)")
+    p.add_argument("--max-n", type=int, default=64, help="the most choices per prompt (n)")
+    p.add_argument("--max-prompts", type=int, default=64, help="the most prompts in one /v1/completions request")
+    p.add_argument("--min-temperature", type=float, default=0.01,
+                   help="the lowest positive temperature served; lower gets 400 (use 0 for greedy)")
+    p.add_argument("--accept-weights", action="store_true",
+                   help="load weights a training run publishes (POST /v1/looprl/weights with a file path on this "
+                        "machine): only on a trusted address")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("envs", help="list environments; `envs check ID`, `envs play ID`")
@@ -83,12 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recipes_epilog() -> str:
+    from looprl.config import describe_algorithms
+    from looprl.train.recipes import RECIPES
+
+    algorithms = "\n".join(f"  {name:12} {text}" for name, text in describe_algorithms().items())
+    recipes = "\n".join(f"  {e.name:12} {e.description}" for e in RECIPES.values())
+    return f"algorithms (algorithm.name=...):\n{algorithms}\n\nrecipes (chosen by the config):\n{recipes}"
+
+
 def _train(args) -> int:
     from looprl.config import load_config
     from looprl.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    results = train(cfg, resume=args.resume)
+    results = train(cfg, resume=args.resume, overwrite=args.overwrite)
     _print_results(results)
     console.print(f"run folder: {cfg.run_dir}")
     return 0
@@ -116,7 +141,6 @@ def _eval(args) -> int:
     import torch
 
     from looprl.envs import make_env
-    from looprl.rollout.engine import HFEngine
     from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
     from looprl.train.metrics import write_text_atomic
 
@@ -124,27 +148,49 @@ def _eval(args) -> int:
     make_env(args.env, **env_kwargs).close()  # unknown id, kwargs or split: fail before loading a model
     baseline = _read_baseline(args.baseline, args.env, env_kwargs, args.episodes) if args.baseline else None
     torch.set_num_threads(args.threads)
-    model, tokenizer, report_dir = _load_for_eval(args.model)
-    engine = HFEngine(model, tokenizer)
-    records = evaluate_episodes(engine, tokenizer, args.env, env_kwargs, args.episodes,
-                                temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                max_tokens=args.max_tokens)
-    result = summarize(records)
+    engine, tokenizer, report_dir = _eval_engine(args)
+    records, lost = evaluate_episodes(engine, tokenizer, args.env, env_kwargs, args.episodes,
+                                      temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                      max_tokens=args.max_tokens)
+    result = summarize(records, lost=len(lost))
     change = paired_change(baseline["records"], records) if baseline else None
     report = {"model": args.model, "env": args.env, "split": args.split, "env_kwargs": env_kwargs,
               "temperature": args.temperature, **result,
-              **({"baseline": args.baseline, "change": change} if change else {}), "records": records}
+              **({"baseline": args.baseline, "change": change} if change else {}), "records": records,
+              "lost": lost}
     name = f"eval_{args.env.replace('/', '_')}_{args.split}_t{args.temperature:g}.json"
     out = Path(args.out) if args.out else (report_dir or Path(".")) / name
     write_text_atomic(out, json.dumps(report, indent=2))  # it may be another run's --baseline
     table = Table(title=f"{args.model} on {args.env} ({args.split})")
-    for key in ("episodes", "success_rate", "mean_return", "mean_turns", "mean_tokens"):
+    for key in ("episodes", "lost_episodes", "success_rate", "mean_return", "mean_turns", "mean_tokens"):
         table.add_row(key, f"{result[key]:.4g}")
     if change:
         table.add_row("change from baseline", describe_change(change))
     console.print(table)
     console.print(f"report: {out}")
     return 0
+
+
+def _eval_engine(args):
+    """The engine `--engine` names, its tokenizer, and where the report goes by default."""
+    if args.engine == "hf":
+        from looprl.rollout.engine import HFEngine
+
+        model, tokenizer, report_dir = _load_for_eval(args.model)
+        return HFEngine(model, tokenizer), tokenizer, report_dir
+    from looprl.train.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(args.model)  # the tokenizer renders the turns; the weights are the server's
+    tokenizer = load_tokenizer(path)
+    if args.engine == "openai":
+        from looprl.rollout.openai_engine import OpenAIEngine
+
+        if not args.openai_url:
+            raise ValueError("--engine openai samples from a server: give --openai-url (e.g. http://127.0.0.1:8000/v1)")
+        return OpenAIEngine(args.openai_url, args.served_model or args.model), tokenizer, None
+    from looprl.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(path), tokenizer, None
 
 
 def _read_baseline(path: str, env_id: str, env_kwargs: dict, episodes: int) -> dict:
@@ -193,7 +239,9 @@ def _serve(args) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = _load_for_eval(args.model)
     name = args.served_model_name or args.model
-    app = app_for_model(model, tokenizer, name, max_batch_size=args.max_batch_size)
+    app = app_for_model(model, tokenizer, name, max_batch_size=args.max_batch_size, accept_weights=args.accept_weights,
+                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                        max_prompts=args.max_prompts, min_temperature=args.min_temperature)
     console.print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API); Ctrl-C stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -6,12 +6,15 @@ are errors that name the key and the expected type.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+log = logging.getLogger("looprl.config")
 
 
 class ConfigError(ValueError):
@@ -59,10 +62,19 @@ class EnvConfig(Section):
     id: str = Field("looprl/Calc-v0", description="registered environment id")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for gymnasium.make")
     max_tokens: int = Field(1024, gt=0, description="an episode is truncated past this many tokens")
+    concurrency: Literal["thread", "serial"] = Field(
+        "thread", description="how episodes' env calls run: a thread per episode, or all on one thread (for envs whose "
+                              "library is not thread-safe)")
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf"] = Field("hf", description="inference engine")
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="inference engine: hf (transformers, in-process), vllm (GPU, the vllm extra) or openai "
+                          "(any OpenAI-compatible server at rollout.openai_url)")
+    openai_url: str | None = Field(None, description="engine=openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
+    openai_model: str | None = Field(None, description="engine=openai: the model id the server serves (None: model.name)")
+    vllm_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="engine=vllm: more vLLM engine arguments (gpu_memory_utilization, ...)")
     tasks_per_step: int = Field(16, gt=0, description="tasks sampled per training step")
     group_size: int = Field(6, ge=2, description="rollouts per task (K)")
     max_new_tokens: int = Field(64, gt=0, description="the most tokens in one turn")
@@ -89,7 +101,10 @@ class RolloutConfig(Section):
                                "(None: no cap)")
     sync_every: int = Field(1, gt=0, description="async: push the trained weights to the engine every N steps")
     env_step_timeout: float | None = Field(
-        60.0, gt=0, description="async: an env reset/step taking longer drops its episode (None: no limit)")
+        60.0, gt=0, description="an env reset/step taking longer loses its episode attempt (None: no limit)")
+    env_retries: int = Field(
+        1, ge=0, description="an episode lost to its env (raised, timed out, garbage) is replayed this often before "
+                             "its group is dropped")
     backend: Literal["local", "ray"] = Field(
         "local", description="async: producers in a thread of this process (local) or as Ray actors (ray extra)")
     ray_address: str | None = Field(
@@ -145,8 +160,9 @@ class GRPOConfig(UpdateConfig):
 
 
 class DPOConfig(UpdateConfig):
-    """DPO: online on the best/worst rollouts of each group, or offline on a JSONL of
-    preference pairs; see looprl/algorithms/dpo.py, looprl/train/dpo_online.py and dpo_offline.py."""
+    """DPO, online on the best/worst rollouts of each group or offline on preference pairs.
+
+    See looprl/algorithms/dpo.py and looprl/train/recipes/online_dpo.py, offline_dpo.py."""
 
     name: Literal["dpo"] = Field("dpo", description="RL algorithm")
     beta: float = Field(0.1, gt=0, description="DPO beta: strength of the implicit KL to the reference")
@@ -163,10 +179,20 @@ def _algorithm_name(value: Any) -> str:
     return value.get("name", "loop") if isinstance(value, dict) else value.name
 
 
+# The algorithms a recipe can name, and their sections: the one registry the config's
+# union, `looprl train --help` and the "unknown algorithm" error are built from
+# (`looprl.algorithms.ALGORITHMS` holds the implementations under the same names).
+ALGORITHM_CONFIGS: dict[str, type[UpdateConfig]] = {"loop": LoopConfig, "grpo": GRPOConfig, "dpo": DPOConfig}
+
 AlgorithmConfig = Annotated[
-    Union[Annotated[LoopConfig, Tag("loop")], Annotated[GRPOConfig, Tag("grpo")], Annotated[DPOConfig, Tag("dpo")]],
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in ALGORITHM_CONFIGS.items())],  # type: ignore[misc]
     Discriminator(_algorithm_name),
 ]
+
+
+def describe_algorithms() -> dict[str, str]:
+    """Each algorithm's name and the first line of its config's docstring."""
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in ALGORITHM_CONFIGS.items()}
 
 
 class OptimConfig(Section):
@@ -288,6 +314,12 @@ class RunConfig(Section):
             raise ValueError("rollout.ray_pin_cpus=true splits this machine's cores between the trainer and the Ray "
                              "cluster the run starts: set rollout.backend=ray and rollout.ray_address=null, or leave "
                              "it false")
+        if r.engine == "openai" and not r.openai_url:
+            raise ValueError("rollout.engine=openai samples from a server: set rollout.openai_url "
+                             "(e.g. http://127.0.0.1:8000/v1)")
+        if r.mode == "async" and r.engine != "hf":
+            raise ValueError(f"rollout.mode=async plays on copies of the policy (hf engine): rollout.engine="
+                             f"{r.engine} serves the weights pushed after each step; set rollout.mode=sync")
         if r.decoupled_loss and r.recompute_logprobs:
             raise ValueError("rollout.decoupled_loss=true already recomputes logprobs under the current policy and "
                              "keeps the behaviour's for its weights: set rollout.recompute_logprobs=false")
@@ -326,9 +358,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig.model_validate(_tuples(data))
+        return RunConfig.model_validate(_tuples(_switch_algorithm(data)))
     except ValidationError as e:
         raise ConfigError(_describe(e)) from None
+
+
+def _switch_algorithm(data: dict[str, Any]) -> dict[str, Any]:
+    """Check `algorithm.name` against the registry, and drop (with a printed note) the
+    fields of another algorithm that the named one lacks: `algorithm.name=grpo` on a LOOP
+    recipe leaves its `clip_eps` behind instead of failing on it. A key no algorithm
+    has is still an error."""
+    section = data.get("algorithm") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        return data
+    name = section.get("name", "loop")
+    if not isinstance(name, str) or name not in ALGORITHM_CONFIGS:
+        raise ConfigError(f"Invalid config: algorithm.name: unknown algorithm {name!r}; known: "
+                          f"{', '.join(ALGORITHM_CONFIGS)}")
+    own = set(ALGORITHM_CONFIGS[name].model_fields)
+    others = {key for n, cls in ALGORITHM_CONFIGS.items() if n != name for key in cls.model_fields}
+    dropped = [key for key in section if key not in own and key in others]
+    if not dropped:
+        return data
+    log.warning("algorithm %r has no field(s) %s (they belong to another algorithm): dropped", name,
+                ", ".join(f"algorithm.{key}" for key in dropped))
+    return {**data, "algorithm": {k: v for k, v in section.items() if k not in dropped}}
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -1,4 +1,4 @@
-"""Types shared by every stage of the data flow (see DESIGN.md, "Contracts")."""
+"""Types shared by every stage of the data flow (see docs/architecture.md, "Contracts")."""
 
 from __future__ import annotations
 

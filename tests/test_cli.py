@@ -21,10 +21,11 @@ def _boom(what):
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Any model build or SFT data generation fails the test (AssertionError is not a user error)."""
+    import looprl.train.context as context
     import looprl.train.models as models
     import looprl.train.trainer as trainer
 
-    monkeypatch.setattr(trainer, "build_policy", _boom("build_policy"))
+    monkeypatch.setattr(context, "build_policy", _boom("build_policy"))
     monkeypatch.setattr(trainer, "expert_pool", _boom("expert_pool"))
     monkeypatch.setattr(models, "load_policy", _boom("load_policy"))
 

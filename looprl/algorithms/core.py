@@ -1,9 +1,55 @@
 """Pure tensor functions shared by the algorithms: masked reductions, logprobs, the
-clipped policy-gradient surrogate. No model, no config: tensors in, tensors out."""
+clipped policy-gradient surrogate, and the typed inputs of the losses. No model, no
+config: tensors in, tensors out."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class PolicyLossInputs:
+    """What a policy-gradient loss (LOOP, GRPO) reads, for one (micro-)batch of B rows.
+
+    Attributes:
+        logprobs: (B, T) under the policy being trained (with grad).
+        old_logprobs: (B, T) under the behaviour policy (or the proximal one, decoupled PPO).
+        advantages: (B,) one advantage per row, applied to every token.
+        mask: (B, T) 1 on sampled tokens.
+        turns: (B, T) the turn index of each token (for per-turn ratios).
+        ref_logprobs: (B, T) under the reference policy, when the loss has a KL term.
+        weights: detached (B, T) factor on each token's clipped term (decoupled PPO).
+    """
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    turns: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class PairLossInputs:
+    """What a preference loss (DPO, IPO) reads, for B pairs: (B,) sequence log-probs of
+    the chosen and rejected sides under the policy and the reference, and their (B,)
+    numbers of sampled tokens."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+def batch_mean(x: torch.Tensor, global_count: float | None = None) -> torch.Tensor:
+    """Mean of (B,) per-row values, or their sum / `global_count` (the rows of the whole
+    minibatch this batch is part of), so that micro-batch losses add up to the minibatch's."""
+    return x.mean() if global_count is None else x.sum() / global_count
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -21,7 +67,8 @@ def sequence_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_loss(
-    x: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_len: int | None = None
+    x: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_len: int | None = None,
+    global_count: float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar; the modes are verl's `loss_agg_mode` names.
 
@@ -30,15 +77,21 @@ def aggregate_loss(
       (GRPO, Shao et al., 2024, eq. 3).
     - "seq-mean-token-sum-norm": each sequence's token-sum / `max_len`, then mean over
       sequences (Dr. GRPO's constant normaliser, Liu et al., 2025).
+
+    The normaliser sits here, as in verl's `agg_loss`: with `global_count` (the number of
+    masked tokens, for "token-mean", or of sequences, for the others, in the whole
+    minibatch this batch is a part of) the sum is divided by it instead of by this
+    batch's own count, so the losses of a minibatch's micro-batches add up to the
+    minibatch's loss, and their gradients to its gradient, by construction.
     """
     if loss_agg == "token-mean":
-        return masked_mean(x, mask)
+        return masked_mean(x, mask) if global_count is None else masked_sum(x, mask) / global_count
     if loss_agg == "seq-mean-token-mean":
-        return sequence_token_mean(x, mask)
+        return batch_mean(masked_mean(x, mask, dim=-1), global_count)
     if loss_agg == "seq-mean-token-sum-norm":
         if max_len is None or max_len <= 0:
             raise ValueError(f"'seq-mean-token-sum-norm' needs a positive max_len, actually: {max_len}")
-        return (masked_sum(x, mask, dim=-1) / max_len).mean()
+        return batch_mean(masked_sum(x, mask, dim=-1) / max_len, global_count)
     raise ValueError(
         "Expected loss_agg 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum-norm', "
         f"actually: {loss_agg!r}"
@@ -46,8 +99,8 @@ def aggregate_loss(
 
 
 def aggregation_unit(loss_agg: str) -> str:
-    """What a loss reduced by `loss_agg` averages over, "tokens" or "sequences": micro-batch
-    losses accumulate weighted by their share of it (see `looprl.train.trainer._micro_groups`)."""
+    """What a loss reduced by `loss_agg` averages over, "tokens" or "sequences": the unit of
+    the `global_count` the training loop passes to `aggregate_loss`."""
     return "tokens" if loss_agg == "token-mean" else "sequences"
 
 
@@ -87,6 +140,7 @@ def clipped_policy_loss(
     weights: torch.Tensor | None = None,
     loss_agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
+    global_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al., 2017, eq. 7) with a per-token ratio.
 
@@ -108,9 +162,11 @@ def clipped_policy_loss(
             `behaviour_weights` when `old_logprobs` are the proximal policy's.
         loss_agg: how tokens are reduced; see `aggregate_loss`.
         max_len: the constant divisor of "seq-mean-token-sum-norm".
+        global_count: the minibatch's token or sequence count (see `aggregate_loss`).
 
     Returns:
-        The scalar loss and detached metrics `pg_loss`, `clipfrac`, `approx_kl`, `ratio_mean`.
+        The scalar loss and detached metrics `pg_loss`, `clipfrac`, `approx_kl`,
+        `ratio_mean`: means over this batch (`pg_loss` normalised by its own count).
     """
     mask = mask.to(logprobs.dtype)
     token_log_ratio = logprobs - old_logprobs  # (B, T)
@@ -122,11 +178,12 @@ def clipped_policy_loss(
     per_token = torch.max(pg_loss1, pg_loss2)
     if weights is not None:
         per_token = per_token * weights
-    pg_loss = aggregate_loss(per_token, mask, loss_agg, max_len)
+    pg_loss = aggregate_loss(per_token, mask, loss_agg, max_len, global_count)
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        own = pg_loss if global_count is None else aggregate_loss(per_token, mask, loss_agg, max_len)
         metrics = {
-            "pg_loss": pg_loss.item(),
+            "pg_loss": own.item(),
             "clipfrac": masked_mean(clipped.to(mask.dtype), mask).item(),
             # k3 estimator of KL(old || new) (Schulman, "Approximating KL divergence").
             "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask).item(),

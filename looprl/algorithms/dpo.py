@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from looprl.algorithms.core import masked_sum
+from looprl.algorithms.core import PairLossInputs, batch_mean, masked_sum
 
 
 def sequence_logps(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,10 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    global_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO eq. 7 (with cDPO's label smoothing), mean over the B pairs.
+    """DPO eq. 7 (with cDPO's label smoothing), mean over the B pairs (or their sum /
+    `global_count`, the pairs of the whole minibatch).
 
     Args:
         policy_chosen_logps: (B,) sequence log-prob sums of the preferred responses.
@@ -68,7 +70,7 @@ def dpo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    loss = losses.mean()
+    loss = batch_mean(losses, global_count)
     return loss, _reward_metrics(beta * chosen_logratios, beta * rejected_logratios)
 
 
@@ -80,8 +82,10 @@ def ipo_loss(
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     beta: float = 0.1,
+    global_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """IPO eq. 17 on token-averaged log-ratios, mean over the B pairs; (B,) tensors in.
+    """IPO eq. 17 on token-averaged log-ratios, mean over the B pairs (or their sum /
+    `global_count`); (B,) tensors in.
 
     `chosen_tokens` / `rejected_tokens` are the (B,) numbers of sampled tokens. Metrics
     are those of `dpo_loss` (rewards are beta * the summed log-ratios, as in TRL).
@@ -92,17 +96,18 @@ def ipo_loss(
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
-    loss = ((h - 1 / (2 * beta)) ** 2).mean()
+    loss = batch_mean((h - 1 / (2 * beta)) ** 2, global_count)
     return loss, _reward_metrics(beta * chosen_logratios, beta * rejected_logratios)
 
 
-def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """RPO's NLL term: -log pi(y_w|x) / |y_w|, mean over the B pairs; (B,) tensors in.
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+               global_count: float | None = None) -> torch.Tensor:
+    """RPO's NLL term: -log pi(y_w|x) / |y_w|, mean over the B pairs (or sum / `global_count`).
 
     >>> chosen_nll(torch.tensor([-4.0, -1.0]), torch.tensor([2.0, 1.0])).item()
     1.5
     """
-    return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
+    return batch_mean(-(chosen_logps / chosen_tokens.clamp(min=1)), global_count)
 
 
 def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
@@ -133,13 +138,14 @@ def best_worst_pairs(rewards: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 class DPO:
-    """Online DPO as the trainer uses it (looprl/train/dpo_online.py runs the step).
+    """Online DPO as the trainer uses it (looprl/train/recipes/online_dpo.py runs the step).
 
     Args:
         cfg: the `algorithm` section of the run config (a `DPOConfig`).
     """
 
     needs_reference = True
+    aggregates_over = "pairs"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -148,17 +154,18 @@ class DPO:
         """(g, chosen_k, rejected_k) per group of a (G, K) tensor of returns; ties give none."""
         return best_worst_pairs(rewards)
 
-    def loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             chosen_tokens, rejected_tokens) -> tuple[torch.Tensor, dict[str, float]]:
-        """The configured loss on (B,) sequence log-probs and (B,) sampled-token counts."""
+    def loss(self, pairs: PairLossInputs, global_count: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured loss on B pairs; `global_count` is the number of pairs in the
+        minibatch (None: B). Metrics are means over these B pairs."""
+        p = pairs
         if self.cfg.loss_type == "ipo":
-            loss, metrics = ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                     chosen_tokens, rejected_tokens, self.cfg.beta)
+            loss, metrics = ipo_loss(p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps,
+                                     p.chosen_tokens, p.rejected_tokens, self.cfg.beta, global_count)
         else:
-            loss, metrics = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                     self.cfg.beta, self.cfg.label_smoothing)
+            loss, metrics = dpo_loss(p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps,
+                                     self.cfg.beta, self.cfg.label_smoothing, global_count)
         if self.cfg.nll_coef > 0:
-            nll = chosen_nll(chosen_logps, chosen_tokens)
+            nll = chosen_nll(p.chosen_logps, p.chosen_tokens, global_count)
             loss = loss + self.cfg.nll_coef * nll
-            metrics["nll"] = nll.item()
+            metrics["nll"] = chosen_nll(p.chosen_logps, p.chosen_tokens).item()
         return loss, metrics

@@ -34,8 +34,9 @@ from typing import Literal
 
 import torch
 
-from looprl.algorithms.core import aggregate_loss, aggregation_unit, masked_mean
+from looprl.algorithms.core import PolicyLossInputs, aggregate_loss, aggregation_unit, masked_mean
 from looprl.config import LossAgg
+
 
 def group_advantages(rewards: torch.Tensor, scale: Literal["std", "none"] = "std", eps: float = 1e-4) -> torch.Tensor:
     """(R - mean) / (std + eps) within each group of a (G, K) tensor of rewards.
@@ -81,6 +82,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     kl_importance_weight: bool = False,
     weights: torch.Tensor | None = None,
+    global_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO objective (eq. 3), negated, on a minibatch.
 
@@ -102,6 +104,8 @@ def grpo_loss(
             "DeepSeek-V3.2", arXiv:2512.02556; TRL's `use_bias_correction_kl`, on by default).
         weights: optional detached (B, T) factor on each token's clipped term (not the KL
             term), e.g. `looprl.algorithms.core.behaviour_weights` for decoupled PPO.
+        global_count: the minibatch's token or sequence count, so that micro-batch losses
+            add up to the minibatch's (see `looprl.algorithms.core.aggregate_loss`).
 
     Returns:
         The scalar loss and detached metrics `loss`, `pg_loss`, `clipfrac`, `approx_kl`,
@@ -122,11 +126,12 @@ def grpo_loss(
     kl = None if ref_logprobs is None else kl_k3(logprobs, ref_logprobs)  # (B, T)
     if kl_coef != 0.0:
         per_token_loss = pg_losses + kl_coef * (kl * ratio if kl_importance_weight else kl)
-    loss = aggregate_loss(per_token_loss, mask, loss_agg, max_len)
+    loss = aggregate_loss(per_token_loss, mask, loss_agg, max_len, global_count)
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        own = loss if global_count is None else aggregate_loss(per_token_loss, mask, loss_agg, max_len)
         metrics = {
-            "loss": loss.item(),
+            "loss": own.item(),
             "pg_loss": aggregate_loss(pg_losses, mask, loss_agg, max_len).item(),
             "clipfrac": masked_mean(clipped.to(mask.dtype), mask).item(),
             # k3 estimator of KL(old || new) (Schulman, "Approximating KL divergence").
@@ -159,9 +164,11 @@ class GRPO:
             keep &= ~zero_variance_groups(rewards)[:, None]
         return advantages, keep
 
-    def loss(self, logprobs, old_logprobs, advantages, mask, turns, ref_logprobs=None, weights=None):
+    def loss(self, inputs: PolicyLossInputs, global_count: float | None = None):
+        """The GRPO loss on a batch (see `looprl.algorithms.loop.LOOP.loss`)."""
         return grpo_loss(
-            logprobs, old_logprobs, advantages, mask, self.cfg.clip_low, self.cfg.clip_high,
-            loss_agg=self.cfg.loss_agg, max_len=self.max_len,
-            ref_logprobs=ref_logprobs, kl_coef=self.cfg.kl_coef, weights=weights,
+            inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.mask, self.cfg.clip_low,
+            self.cfg.clip_high, loss_agg=self.cfg.loss_agg, max_len=self.max_len,
+            ref_logprobs=inputs.ref_logprobs, kl_coef=self.cfg.kl_coef, weights=inputs.weights,
+            global_count=global_count,
         )

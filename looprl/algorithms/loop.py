@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from looprl.algorithms.core import aggregation_unit, clipped_policy_loss
+from looprl.algorithms.core import PolicyLossInputs, aggregation_unit, clipped_policy_loss
 from looprl.config import LoopConfig
 
 
@@ -68,12 +68,13 @@ def loop_loss(
     weights: torch.Tensor | None = None,
     loss_agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
+    global_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The LOOP policy loss on a minibatch: (B, T) logprobs, (B,) advantages, optional
-    (B, T) per-token `weights` (see `clipped_policy_loss`)."""
+    (B, T) per-token `weights` and the minibatch's `global_count` (see `clipped_policy_loss`)."""
     clip_low, clip_high = clip_range(eps)
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, segments, weights,
-                               loss_agg, max_len)
+                               loss_agg, max_len, global_count)
 
 
 class LOOP:
@@ -88,6 +89,8 @@ class LOOP:
     needs_reference = False  # LOOP has no KL term
 
     def __init__(self, cfg: LoopConfig, max_len: int | None = None):
+        if not isinstance(cfg, LoopConfig):
+            raise TypeError(f"LOOP needs a LoopConfig, actually: {type(cfg).__name__}")
         self.cfg = cfg
         self.max_len = cfg.max_len or max_len
         self.aggregates_over = aggregation_unit(cfg.loss_agg)
@@ -97,9 +100,10 @@ class LOOP:
         advantages = leave_one_out_advantages(rewards, self.cfg.normalize_std)
         return advantages, keep_mask(advantages, self.cfg.adv_threshold)
 
-    def loss(self, logprobs, old_logprobs, advantages, mask, turns, weights=None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The clipped loss on (B, T) tensors; `turns` is the (B, T) turn index of each token,
-        `weights` an optional (B, T) factor on each token's term."""
+    def loss(self, inputs: PolicyLossInputs, global_count: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped loss on a batch; `global_count` is the minibatch's count of
+        `aggregates_over` units (None: this batch's own)."""
+        turns = inputs.turns
         segments = {"token": None, "turn": turns, "trajectory": torch.zeros_like(turns)}[self.cfg.ratio_level]
-        return loop_loss(logprobs, old_logprobs, advantages, mask, self.cfg.clip_eps, segments, weights,
-                         self.cfg.loss_agg, self.max_len)
+        return loop_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.mask, self.cfg.clip_eps,
+                         segments, inputs.weights, self.cfg.loss_agg, self.max_len, global_count)

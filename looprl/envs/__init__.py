@@ -1,6 +1,6 @@
 """Gymnasium tool-use environments, their tools, and the registry of `looprl/` ids.
 
-Every `gymnasium.register` call of the project lives here (STYLE.md, rule 1). Build an
+Every `gymnasium.register` call of the project lives here (one registry, as Gymnasium does). Build an
 environment with `gymnasium.make("looprl/Calc-v0")` or `make_env`, which explains an
 unknown id. Environments count their own turns, so none is registered with
 `max_episode_steps`.

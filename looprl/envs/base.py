@@ -1,4 +1,4 @@
-"""`ToolEnv`: the environment contract of DESIGN.md ("Contracts"), text in and text out.
+"""`ToolEnv`: the environment contract of docs/architecture.md ("Contracts"), text in and text out.
 
 The action is the assistant's raw text for one turn; the environment parses the
 Hermes/Qwen tool calls in it, runs them, and returns their results as the next

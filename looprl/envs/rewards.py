@@ -1,6 +1,6 @@
 """Reward functions for verifiable single-turn tasks: `(completion, answer, **kw) -> float`.
 
-Each is a small pure function (STYLE.md, rule 4) that never raises on any `str`
+Each is a small pure function that never raises on any `str`
 completion, however long or strange; extra keyword arguments (such as the row's
 `prompt`, which `DatasetEnv` passes) are accepted and ignored. Name one in
 `DatasetEnv(reward_fn="looprl.envs.rewards:numeric_match")`.

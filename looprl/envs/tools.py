@@ -5,7 +5,7 @@ change per-episode state). `Tool.schema` is the JSON schema that
 `tokenizer.apply_chat_template(tools=...)` takes, made by transformers'
 `get_json_schema`. `Tool.call` checks the model's arguments against that schema and
 runs the function; whatever goes wrong comes back as an `"Error: ..."` string for the
-agent to read, never as an exception (STYLE.md, rule 3).
+agent to read, never as an exception.
 
 Example:
     >>> @tool

@@ -10,7 +10,7 @@ With a context window of W turns, a long episode is played as chunks (see
 `run_episode`): the model's context stays at most the prompt plus 2W turns however
 many turns the episode takes, and every sampled id is still kept as sampled.
 
-Environment calls run off the event loop, one daemon thread per episode, and a faulty
+Environment calls run off the event loop, on a daemon thread (by default one per episode), and a faulty
 environment (it raises, hangs past `step_timeout_s`, returns garbage) loses its episode
 with an `EpisodeError` (`looprl.rollout.envcalls`), never the process.
 """
@@ -167,6 +167,7 @@ async def run_episode(
     context_window: int | None = None,
     reset_options: dict | None = None,
     step_timeout_s: float | None = None,
+    worker: EnvWorker | None = None,
 ) -> Trajectory | Episode:
     """Play one episode of `env` with the policy behind `engine`.
 
@@ -203,6 +204,9 @@ async def run_episode(
             the whole episode.
         reset_options: passed to `env.reset` (e.g. a history to replay, for ExIt).
         step_timeout_s: the longest one `reset` or `step` call may take (None: no limit).
+        worker: the thread to run the environment's calls on, with its own timeout (e.g.
+            one shared by episodes whose environment is not thread-safe); None: a new
+            one of the episode's own, with `step_timeout_s`, ended with the episode.
 
     Returns:
         A `Trajectory` when `context_window` is None, else an `Episode`; both have the
@@ -215,7 +219,8 @@ async def run_episode(
             a str obs, a finite reward and `info["messages"]` (`env_garbage`), or the
             engine failed (`engine_error`). Other errors (a bad chat template) propagate.
     """
-    worker = EnvWorker(step_timeout_s)
+    owned = worker is None
+    worker = EnvWorker(step_timeout_s) if owned else worker
     board = turn_board()
     turn = board.start()
     token = enter_episode(turn)
@@ -226,7 +231,8 @@ async def run_episode(
     finally:
         board.end(turn)
         exit_episode(token)
-        worker.close()
+        if owned:
+            worker.close()
 
 
 class _EnvCalls:

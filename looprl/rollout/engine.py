@@ -3,9 +3,10 @@
 `HFEngine` runs a transformers model in-process. Episodes call `generate` concurrently
 from asyncio tasks; the engine gathers the pending requests into one batched decode
 (its own loop with the prefix cache below, else one left-padded `model.generate`), so
-N concurrent episodes cost one forward per token instead of N. The logprob it records for a sampled token is under the exact distribution it
-sampled from (temperature applied, no top-k/top-p truncation and none of the model's
-generation-config processors), which is what the PPO ratio needs.
+N concurrent episodes cost one forward per token instead of N. The logprob it records
+for a sampled token is under the exact distribution it sampled from (temperature
+applied, no top-k/top-p truncation and none of the model's generation-config
+processors), which is what the PPO ratio needs.
 
 Batching is turn-level and continuous: while a batch generates, new requests queue;
 when it ends, the next batch is taken from everything queued (oldest first, one set of
@@ -151,6 +152,7 @@ class HFEngine:
         if turn_wait_s < 0:
             raise ValueError(f"Expect `turn_wait_s` to be >= 0, actually: {turn_wait_s}")
         self.model = model
+        self.device = next(model.parameters()).device  # every tensor of a batch is created or moved there
         self.max_batch_size = max_batch_size
         self.turn_wait_s = turn_wait_s
         self.pad_id = tokenizer.pad_token_id
@@ -284,7 +286,7 @@ class HFEngine:
     def _generate(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled ids and their logprobs, both (B, T), through `model.generate` (no prefix cache)."""
         params = requests[0].params
-        input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
+        input_ids, attention_mask = (t.to(self.device) for t in left_pad([r.prompt_ids for r in requests], self.pad_id))
         greedy = params.temperature == 0
         sampling = {} if greedy else {"temperature": params.temperature, "top_k": 0, "top_p": 1.0}
         with _neutral_generation_config(self.model):
@@ -314,12 +316,14 @@ class HFEngine:
         past_len, new_len = max(held), max(len(ids) for ids in fresh)
         batch = len(requests)
         # Row i: [pad][its cached prefix] [pad][its new tokens], all right-aligned.
-        mask = torch.zeros((batch, past_len + new_len), dtype=torch.long)
-        input_ids = torch.full((batch, new_len), self.pad_id, dtype=torch.long)
+        host = {"dtype": torch.long, "device": "cpu"}
+        mask = torch.zeros((batch, past_len + new_len), **host)
+        input_ids = torch.full((batch, new_len), self.pad_id, **host)
         for row, ids in enumerate(fresh):
             mask[row, past_len - held[row]:past_len] = 1
             mask[row, past_len + new_len - len(ids):] = 1
-            input_ids[row, new_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            input_ids[row, new_len - len(ids):] = torch.tensor(ids, **host)
+        mask, input_ids = mask.to(self.device), input_ids.to(self.device)
         room = new_len + params.max_new_tokens  # what this call appends to each layer
         cache = DynamicCache()
         if past_len:
@@ -333,8 +337,8 @@ class HFEngine:
         # The model appends every fed token's keys and values to `cache` in place.
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, past_len:],
                          use_cache=True, **{self._cache_arg: cache}, **extra)
-        stop = torch.tensor(self.stop_ids, dtype=torch.long)
-        alive = torch.ones(batch, dtype=torch.bool)
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=self.device)
+        alive = torch.ones(batch, dtype=torch.bool, device=self.device)
         position = positions[:, -1]
         sampled, logprobs = [], []
         for step in range(params.max_new_tokens):
@@ -500,10 +504,11 @@ def _padded_layers(reused: Sequence[tuple[_Prefix | None, int]], length: int) ->
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists into `(input_ids, attention_mask)`, both (B, L)."""
     length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    host = {"dtype": torch.long, "device": "cpu"}
+    input_ids = torch.full((len(sequences), length), pad_id, **host)
+    attention_mask = torch.zeros((len(sequences), length), **host)
     for row, seq in enumerate(sequences):
         if seq:
-            input_ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            input_ids[row, length - len(seq):] = torch.tensor(seq, **host)
             attention_mask[row, length - len(seq):] = 1
     return input_ids, attention_mask

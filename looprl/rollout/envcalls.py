@@ -1,16 +1,18 @@
 """Environment calls off the event loop, with their faults turned into `EpisodeError`.
 
 Each episode's `reset` and `step` calls run, one after the other, on a daemon thread
-of its own (`EnvWorker`): a slow tool then delays only its own episode, the tools of
-concurrent episodes run at the same time, and an environment whose objects are bound to
-the thread that made them (an sqlite connection opened in `reset`) keeps working.
+(`EnvWorker`): by default one of its own, so a slow tool delays only its own episode,
+the tools of concurrent episodes run at the same time, and an environment whose objects
+are bound to the thread that made them (an sqlite connection opened in `reset`) keeps
+working; or one shared by every episode, for environments whose library is not
+thread-safe (`looprl.rollout.collect.EnvConcurrency`).
 
 A call that raises, runs past its timeout, or returns something that is not what
 Gymnasium's API says (`check_reset`, `check_step`) becomes an `EpisodeError`: the
 episode is lost, the process goes on. A thread cannot be killed: after a timeout the
 thread is abandoned, still running the call, and the environment object must be
-dropped (nothing else may call it). Being a daemon thread, it never delays the exit
-of the event loop or of the process.
+dropped (nothing else may call it); closing it is queued on that thread, behind the hung
+call. Being a daemon thread, it never delays the exit of the event loop or of the process.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ class EnvWorker:
         Raises:
             EpisodeError: `env_error` if it raised, `env_timeout` past `timeout_s`.
         """
-        if self.abandoned:
-            raise RuntimeError("This EnvWorker was abandoned after a timeout; its environment must not be called again")
+        if self.abandoned:  # shared by episodes, one of which timed out: its thread is stuck in that call
+            raise EpisodeError("env_timeout", f"{what}: the env thread is stuck in an earlier call that timed out")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._calls.put((loop, future, fn, args, kwargs))
@@ -80,18 +82,29 @@ class EnvWorker:
             return await asyncio.wait_for(future, self.timeout_s)
         except Exception as e:
             if isinstance(e, TimeoutError) and future.cancelled():  # wait_for's timeout, not the call's own
-                self.abandoned = True
-                self.close()  # the thread exits once the call returns, if it ever does
+                self.abandoned = True  # its owner closes it: the thread exits once the call returns, if ever
                 detail = f"{what} ran past {self.timeout_s} s; its thread is abandoned"
                 raise EpisodeError("env_timeout", detail) from None
             raise EpisodeError("env_error", f"{what} raised {type(e).__name__}: {e}") from e
 
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Run `fn()` on the worker thread after the calls before it, without waiting (an
+        abandoned worker too: e.g. closing the environment once its hung call returns)."""
+        self._calls.put((None, None, fn, (), {}))
+
     def close(self) -> None:
+        """Let the thread end once the calls queued before it are done."""
         self._calls.put(None)
 
     def _serve(self) -> None:
         while (item := self._calls.get()) is not None:
             loop, future, fn, args, kwargs = item
+            if future is None:  # submitted: nobody waits for it
+                try:
+                    fn()
+                except BaseException:  # noqa: BLE001 (submit's callers handle their own errors)
+                    pass
+                continue
             try:
                 outcome, value = future.set_result, fn(*args, **kwargs)
             except BaseException as e:  # handed to the episode, which decides

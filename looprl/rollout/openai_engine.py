@@ -15,6 +15,7 @@ engine also sends `top_p=1`, `top_k=-1` and `repetition_penalty=1`, so a model's
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
@@ -35,10 +36,11 @@ class OpenAIEngine:
         api_key: sent as a bearer token when given.
         max_concurrency: the most requests in flight at once.
         timeout: seconds to wait for one completion.
+        weights_dir: where `publish` writes the weights for the server to load.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
-                 max_concurrency: int = 64, timeout: float = 600.0):
+                 max_concurrency: int = 64, timeout: float = 600.0, weights_dir: str | None = None):
         if max_concurrency <= 0:
             raise ValueError(f"Expect `max_concurrency` to be positive, actually: {max_concurrency}")
         self.url = base_url.rstrip("/") + "/completions"
@@ -47,6 +49,7 @@ class OpenAIEngine:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.version = 0
+        self.weights_dir = None if weights_dir is None else Path(weights_dir)
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -72,6 +75,35 @@ class OpenAIEngine:
             raise ValueError("OpenAIEngine cannot load a state dict into a remote server; update the "
                              "server's weights, then call update_weights() with no argument")
         self.version += 1
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """`WeightSync.publish`: make the server sample from `state` as `version`.
+
+        A server's weights can only be set through an API of its own: `looprl serve`
+        loads them from `POST {base_url}/looprl/weights` (a safetensors file this engine
+        writes into `weights_dir`, which the server must be able to read: same machine or
+        shared storage). Any other server refuses it (HTTP 404) and the run stops with a
+        message, rather than train on samples from weights it never published.
+        """
+        if self.weights_dir is None:
+            raise ValueError("OpenAIEngine.publish needs `weights_dir`: a folder the server can read the weights from")
+        from safetensors.torch import save_file
+
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        path = self.weights_dir / f"weights_v{version}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(path)
+        answer = httpx.post(self.url.removesuffix("/completions") + "/looprl/weights",
+                            json={"path": str(path.resolve()), "version": version}, headers=self.headers,
+                            timeout=self.timeout)
+        if answer.status_code != 200:
+            raise RuntimeError(f"The server at {self.url} did not load the published weights v{version} "
+                               f"(HTTP {answer.status_code}: {answer.text[:200]}); only `looprl serve` takes them")
+        for old in self.weights_dir.glob("weights_v*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        self.version = version
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -9,12 +9,14 @@ trainer has finished `n // groups_per_batch - max_staleness` steps. With
 at once and in seed order: exactly the synchronous loop. Larger values let producers
 work up to `max_staleness` batches ahead while the trainer updates.
 
-An environment that raises, hangs past `step_timeout` or returns something that is not
-a Gymnasium step loses its episode (`run_episode` raises `EpisodeError`, see
-`looprl.rollout.envcalls`) and with it the episode's group, whose leave-one-out
-baseline needs all K: the drop is counted by reason, reported through `on_drop`, and a
-replacement group takes its slot. Any other error (the engine's) stops the producer and
-closes the stream with it, so the trainer raises it instead of waiting forever.
+Episodes are played by `looprl.rollout.collect.EpisodePlayer`, the one collection path
+of every mode, with its fault policy: an environment that raises, hangs past
+`step_timeout` or returns something that is not a Gymnasium step loses the attempt
+(counted by reason, reported through `on_drop`), which is replayed up to `retries`
+times; an episode still lost drops its group, whose leave-one-out baseline needs all K,
+and a replacement group takes its slot. Any other error (the engine's) stops the
+producer and closes the stream with it, so the trainer raises it instead of waiting
+forever.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from typing import Callable
 import gymnasium
 import torch
 
-from looprl.rollout.agent import ObservationTemplater, run_episode
+from looprl.rollout.collect import EpisodeFailure, EpisodeLost, EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import HFEngine, SamplingParams
-from looprl.rollout.envcalls import EpisodeError
 from looprl.rollout.stream import Group, GroupStream
 from looprl.types import Episode, Trajectory
 
@@ -65,19 +66,25 @@ class RolloutProducer:
         step_timeout: seconds an environment call may take (None: no limit).
         threads: torch threads for the producer's generate calls.
         on_drop: called as `on_drop(reason, detail, seed)` for each dropped episode.
+        retries: how often an episode lost to its environment is replayed (a run passes
+            its `rollout.env_retries`).
+        concurrency: how environment calls run (`looprl.rollout.collect.EnvConcurrency`).
     """
 
     def __init__(self, engine: HFEngine, tokenizer, make_env: Callable[[], gymnasium.Env],
                  next_seeds: Callable[[int], list[int]], stream: GroupStream, *, group_size: int,
                  groups_per_batch: int, max_staleness: int, params: SamplingParams, max_tokens: int,
                  context_window: int | None = None, step_timeout: float | None = None, threads: int = 1,
-                 on_drop: Callable[[str, str, int], None] | None = None):
+                 on_drop: Callable[[str, str, int], None] | None = None, retries: int = 0,
+                 concurrency: str = "thread"):
         self.engine, self.tokenizer, self.make_env, self.stream = engine, tokenizer, make_env, stream
         self._next_seeds, self.group_size, self.groups_per_batch = next_seeds, group_size, groups_per_batch
         self.max_staleness, self.params, self.max_tokens = max_staleness, params, max_tokens
         self.context_window, self.step_timeout, self.threads = context_window, step_timeout, threads
         self.on_drop = on_drop
-        self.templater = ObservationTemplater(tokenizer)
+        self.player = EpisodePlayer(engine, tokenizer, make_env, params, max_tokens=max_tokens,
+                                    context_window=context_window, faults=FaultPolicy(retries, step_timeout),
+                                    concurrency=concurrency, on_failure=self._lost_attempt)
         self.stats = {"episodes": 0, "sampled_tokens": 0, "groups": 0}  # finished, counted in the loop thread
         self._seeds: deque[int] = deque()
         self._lock = threading.Lock()
@@ -206,15 +213,13 @@ class RolloutProducer:
         finally:
             self._in_flight -= 1
         failed = [r for r in results if isinstance(r, BaseException)]
-        fatal = [r for r in failed if not _env_fault(r)]
+        fatal = [r for r in failed if not isinstance(r, EpisodeLost)]
         if fatal:
             if not self._failure.done() and not isinstance(fatal[0], asyncio.CancelledError):
                 self._failure.set_result(fatal[0])
             return
-        if failed:
-            for error in failed:
-                self._report(error.reason, error.detail, seed, 1)
-            self._report("incomplete_group", f"{len(failed)} of its episodes were dropped", seed,
+        if failed:  # each lost attempt was reported as it happened
+            self._report("incomplete_group", f"{len(failed)} of its episodes were lost", seed,
                          self.group_size - len(failed))
             self._free_slot()
             return
@@ -233,7 +238,11 @@ class RolloutProducer:
                                     return_exceptions=True)
 
     async def _play_episode(self, seed: int, seq: int) -> Trajectory | Episode:
-        return await play_and_close(self, seed, seq)
+        episode, _ = await self.player.play(seed, seq)
+        return episode
+
+    def _lost_attempt(self, failure: EpisodeFailure) -> None:
+        self._report(failure.error.reason, failure.error.detail, failure.seed, 1)
 
     def _report(self, reason: str, detail: str, seed: int, episodes: int) -> None:
         if episodes <= 0:
@@ -268,27 +277,3 @@ async def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _env_fault(error: BaseException) -> bool:
-    """An environment's fault loses its episode; anything else (the engine's) stops the producer."""
-    return isinstance(error, EpisodeError) and error.reason != "engine_error"
-
-
-async def play_and_close(player, seed: int, seq: int) -> Trajectory | Episode:
-    """Play one episode of task `seed` in group `seq` on a fresh environment, then close it
-    (an error from `close` is logged: it must not lose a complete episode).
-
-    Args:
-        player: has `make_env`, `engine`, `tokenizer`, `templater`, `params`,
-            `max_tokens`, `context_window` and `step_timeout` (a local producer or a Ray actor).
-    """
-    env = player.make_env()
-    episode = await run_episode(env, player.engine, player.tokenizer, player.templater, player.params, seed=seed,
-                                max_tokens=player.max_tokens, group_id=seq, context_window=player.context_window,
-                                step_timeout_s=player.step_timeout)
-    try:
-        env.close()  # not after a lost episode: after an env_timeout an abandoned thread may still use it
-    except Exception as e:  # noqa: BLE001 (the episode is complete; a failing close must not lose it)
-        log.warning("closing an environment of task seed %d raised %s: %s", seed, type(e).__name__, e)
-    return episode

@@ -45,10 +45,10 @@ from typing import Any, Callable
 
 import torch
 
-from looprl.rollout.agent import ObservationTemplater
+from looprl.rollout.collect import EpisodeFailure, EpisodeLost, EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import STAT_KEYS, HFEngine, SamplingParams
 from looprl.rollout.envcalls import EpisodeError
-from looprl.rollout.producer import GroupLost, RolloutProducer, play_and_close
+from looprl.rollout.producer import GroupLost, RolloutProducer
 from looprl.rollout.weight_sync import SnapshotEngine
 
 try:
@@ -77,11 +77,14 @@ class RolloutActor:
         prefix_cache: keep each episode's keys and values between its turns.
         threads: torch threads.
         seed: seeds the actor's sampling.
+        retries, concurrency: the fault policy of `looprl.rollout.collect.EpisodePlayer` (a run passes its
+            `rollout.env_retries` and `env.concurrency`).
     """
 
     def __init__(self, build_policy: Callable[[], tuple[Any, Any]], make_env: Callable[[], Any], *,
                  params: SamplingParams, max_tokens: int, context_window: int | None, step_timeout: float | None,
-                 group_size: int, max_batch_size: int, threads: int, seed: int, prefix_cache: bool = True):
+                 group_size: int, max_batch_size: int, threads: int, seed: int, prefix_cache: bool = True,
+                 retries: int = 0, concurrency: str = "thread"):
         _unnice()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -90,13 +93,16 @@ class RolloutActor:
         # Version -1 until the trainer's first push: no group is played on the config's initial weights.
         self.engine = SnapshotEngine(model, tokenizer, version=-1, max_batch_size=max_batch_size, copy=False,
                                      prefix_cache=prefix_cache)
-        self.tokenizer, self.templater, self.make_env = tokenizer, ObservationTemplater(tokenizer), make_env
-        self.params, self.max_tokens, self.context_window = params, max_tokens, context_window
-        self.step_timeout, self.group_size = step_timeout, group_size
+        self.group_size = group_size
+        self._failures: dict[int, list[tuple[str, str]]] = {}  # per group in play: its lost attempts
+        self.player = EpisodePlayer(self.engine, tokenizer, make_env, params, max_tokens=max_tokens,
+                                    context_window=context_window, faults=FaultPolicy(retries, step_timeout),
+                                    concurrency=concurrency, on_failure=self._lost_attempt)
 
     async def play_group(self, seed: int, seq: int, min_version: int = -1,
                          wait_s: float = 600.0) -> tuple[list, dict[str, float]]:
-        """The group's K episodes (an env fault becomes `(reason, detail)`) and the engine's stats.
+        """The group's K episodes (None for one lost to its environment) and the engine's
+        stats, with `failures`: the `(reason, detail)` of every lost attempt.
 
         The group starts once the engine has weights of `min_version` or newer (a push
         the trainer did not wait for may still be loading); after `wait_s` it raises.
@@ -108,20 +114,24 @@ class RolloutActor:
                 raise TimeoutError(f"weights v{min_version} did not reach this rollout actor within {wait_s:.0f} s "
                                    f"(it has v{self.engine.version})")
             await asyncio.sleep(0.002)
-        results = await asyncio.gather(*(self._episode(seed, seq) for _ in range(self.group_size)),
-                                       return_exceptions=True)
+        self._failures[seq] = []
+        try:
+            results = await asyncio.gather(*(self.player.play(seed, seq) for _ in range(self.group_size)),
+                                           return_exceptions=True)
+        finally:
+            failures = self._failures.pop(seq)
         out = []
         for result in results:
-            if isinstance(result, EpisodeError) and result.reason != "engine_error":
-                out.append((result.reason, result.detail))  # EpisodeError itself does not unpickle
+            if isinstance(result, EpisodeLost):
+                out.append(None)
             elif isinstance(result, BaseException):  # plain, so that any error crosses to the trainer intact
                 raise RuntimeError(f"rollout actor failed: {type(result).__name__}: {result}") from result
             else:
-                out.append(result)
-        return out, dict(self.engine.stats)
+                out.append(result[0])
+        return out, {**self.engine.stats, "failures": failures}
 
-    async def _episode(self, seed: int, seq: int):
-        return await play_and_close(self, seed, seq)
+    def _lost_attempt(self, failure: EpisodeFailure) -> None:
+        self._failures[failure.group].append((failure.error.reason, failure.error.detail))
 
     async def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load pushed weights between two generate calls; an older version than the one
@@ -156,14 +166,16 @@ class RayActorPool:
         recover_s: how long a dead actor may take to come back before it counts as gone.
         push_timeout_s: how long `push` waits for the actors (the first push also waits
             for them to be built: generous, a real model may have to be loaded first).
+        wait_on_publish: whether `publish` waits for every actor to load the weights.
     """
 
     def __init__(self, actor_kwargs: dict[str, Any], *, num_actors: int, max_restarts: int, num_cpus: float,
-                 max_batch_size: int, started_ray: bool, recover_s: float = 300.0, push_timeout_s: float = 600.0):
+                 max_batch_size: int, started_ray: bool, recover_s: float = 300.0, push_timeout_s: float = 600.0,
+                 wait_on_publish: bool = True):
         remote = ray.remote(RolloutActor).options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)
         self.actors = [remote.remote(**{**actor_kwargs, "seed": actor_kwargs["seed"] + i}) for i in range(num_actors)]
         self.max_restarts, self.max_batch_size, self.started_ray = max_restarts, max_batch_size, started_ray
-        self.recover_s, self.push_timeout_s = recover_s, push_timeout_s
+        self.recover_s, self.push_timeout_s, self.wait_on_publish = recover_s, push_timeout_s, wait_on_publish
         self.in_flight = [0] * num_actors
         self.deaths = [0] * num_actors
         self.ready = set(range(num_actors))
@@ -191,6 +203,11 @@ class RayActorPool:
 
     def metrics(self, since: dict[str, float] | None = None) -> dict[str, float]:
         return HFEngine.metrics(self, since)  # the same figures, over every actor's engine
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """`WeightSync.publish`: `push`, waiting for the actors when `wait_on_publish`
+        (the synchronous-equivalent s = 0 run), else loading in the background."""
+        self.push(state, version, wait=self.wait_on_publish)
 
     def push(self, state: dict[str, torch.Tensor], version: int, wait: bool = True) -> None:
         """Every ready actor loads `state` (put in the object store once) as `version`.
@@ -232,8 +249,9 @@ class RayActorPool:
                     f"(rollout.ray_timeout): still being built, or starved of CPU? ({self.actors[i]!r}: its "
                     f"log is the worker log naming that actor id under the Ray session's logs/)") from None
 
-    async def play(self, seq: int, seed: int, min_version: int = -1) -> tuple[list, dict[str, float]]:
-        """Play a group on the least busy ready actor, on weights of `min_version` or newer.
+    async def play(self, seq: int, seed: int, min_version: int = -1) -> tuple[list, list[tuple[str, str]]]:
+        """Play a group on the least busy ready actor, on weights of `min_version` or newer;
+        returns its episodes (None: lost) and the `(reason, detail)` of every lost attempt.
 
         Raises:
             GroupLost: the actor died while playing it ("producer_died").
@@ -254,9 +272,11 @@ class RayActorPool:
             raise GroupLost("producer_died", f"Ray actor {i} died: {type(e).__name__}") from None
         finally:
             self.in_flight[i] -= 1
+        stats = dict(stats)
+        failures = stats.pop("failures", [])
         with self._lock:
             self._stats[i] = stats
-        return results, stats
+        return results, failures
 
     def shutdown(self) -> None:
         """Kill the actors; disconnect from Ray (stopping the cluster it started) if we connected."""
@@ -309,12 +329,14 @@ class RayRolloutProducer(RolloutProducer):
 
     async def _play_episodes(self, seq: int, seed: int, min_version: int = -1) -> list:
         try:
-            results, _ = await self.pool.play(seq, seed, min_version)
+            results, failures = await self.pool.play(seq, seed, min_version)
         except ray.exceptions.RayTaskError as e:  # the actor's engine failed: fatal, as locally
             return [e]
         except RuntimeError as e:  # no actor left
             return [e]
-        return [EpisodeError(*r) if isinstance(r, tuple) else r for r in results]
+        for reason, detail in failures:
+            self._report(reason, detail, seed, 1)
+        return [EpisodeLost([EpisodeError(reason, detail)]) if r is None else r for r in results]
 
     def stop(self, timeout: float = 10.0) -> bool:
         try:

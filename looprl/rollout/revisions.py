@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from typing import Callable, Sequence
 
 from looprl.envs.revise import ReviseAttempts
-from looprl.rollout.agent import ObservationTemplater, run_episode
+from looprl.rollout.collect import EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import InferenceEngine, SamplingParams
 from looprl.rollout.exit_sampler import StartingPoint
 from looprl.types import Trajectory
+
+
+def attempt_history(env: ReviseAttempts) -> list[str] | None:
+    """An episode's full action history when its attempt ended (a valid next starting point)."""
+    return list(env.history) if env.attempt_ended else None
+
+
+def revision_player(engine: InferenceEngine, tokenizer, make_env: Callable[[], object], params: SamplingParams, *,
+                    max_tokens: int = 2048, context: str = "last", faults: FaultPolicy = FaultPolicy(),
+                    concurrency: str = "thread") -> EpisodePlayer:
+    """An `EpisodePlayer` of ExIt episodes: each in `ReviseAttempts(make_env())`, which
+    replays the starting point's history (the replayed attempts are prompt, loss mask 0);
+    what it observes of each episode is `attempt_history`."""
+    return EpisodePlayer(engine, tokenizer, make_env, params, max_tokens=max_tokens, faults=faults,
+                         concurrency=concurrency, wrap=functools.partial(ReviseAttempts, context=context),
+                         observe=attempt_history)
 
 
 def collect_revisions(
@@ -25,29 +41,11 @@ def collect_revisions(
 ) -> tuple[list[list[Trajectory]], list[list[list[str] | None]]]:
     """Play `group_size` episodes from each starting point, all concurrently.
 
-    Each episode runs in `ReviseAttempts(make_env())`: the starting point's history is
-    replayed, and the episode is one new attempt, whose sampled tokens are the only
-    ones with loss mask 1 (the replayed attempts are prompt).
-
     Returns:
-        `(groups, histories)`: one list of `group_size` trajectories per starting point,
-        in order, and for each episode its full action history when its attempt ended
-        (a valid next starting point), else None.
+        `(groups, histories)`: one list of `group_size` trajectories per kept starting
+        point, in order, and for each episode its full action history when its attempt
+        ended (a valid next starting point), else None.
     """
-    templater = ObservationTemplater(tokenizer)
-    envs = [ReviseAttempts(make_env(), context=context) for _ in starts for _ in range(group_size)]
-
-    async def play() -> list[Trajectory]:
-        episodes = [
-            run_episode(envs[g * group_size + k], engine, tokenizer, templater, params, seed=start.seed,
-                        max_tokens=max_tokens, group_id=g, reset_options=start.reset_options)
-            for g, start in enumerate(starts) for k in range(group_size)
-        ]
-        return list(await asyncio.gather(*episodes))
-
-    flat = asyncio.run(play())
-    histories = [list(env.history) if env.attempt_ended else None for env in envs]
-    for env in envs:
-        env.close()
-    groups = [flat[g * group_size:(g + 1) * group_size] for g in range(len(starts))]
-    return groups, [histories[g * group_size:(g + 1) * group_size] for g in range(len(starts))]
+    player = revision_player(engine, tokenizer, make_env, params, max_tokens=max_tokens, context=context)
+    collection = player.collect([s.seed for s in starts], group_size, [s.reset_options for s in starts])
+    return collection.episodes, [g.observed for g in collection.groups]

@@ -30,15 +30,24 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from looprl.rollout.agent import chat_ids
-from looprl.rollout.engine import GenerationRequest, HFEngine, InferenceEngine, SamplingParams
+from looprl.rollout.engine import GenerationRequest, InferenceEngine, SamplingParams
 from looprl.rollout.openai_api import (
-    APIError, ChatRequest, ChatTurn, CompletionRequest, completion_choice, created, new_id,
-    template_messages, usage,
+    APIError,
+    ChatRequest,
+    ChatTurn,
+    CompletionRequest,
+    completion_choice,
+    created,
+    new_id,
+    template_messages,
+    usage,
 )
+from looprl.rollout.weight_sync import SnapshotEngine
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +67,13 @@ DRAIN_S = 10.0
 CLIENT_GONE = "looprl.client_gone"
 
 
-def app_for_model(model, tokenizer, model_name: str, max_batch_size: int = 64, **limits: Any) -> FastAPI:
+class WeightsRequest(BaseModel):
+    path: str
+    version: int
+
+
+def app_for_model(model, tokenizer, model_name: str, max_batch_size: int = 64, accept_weights: bool = False,
+                  **limits: Any) -> FastAPI:
     """Serve a transformers model through an `HFEngine` (its config gives the limits).
 
     Args:
@@ -66,15 +81,44 @@ def app_for_model(model, tokenizer, model_name: str, max_batch_size: int = 64, *
         tokenizer: its tokenizer, with its chat template.
         model_name: the id clients pass as `model`.
         max_batch_size: the most sequences in one `generate` call.
+        accept_weights: serve `POST /v1/looprl/weights`, through which a training run
+            (`rollout.engine=openai`) publishes its weights after each step.
         **limits: `build_app`'s bounds (`max_body_bytes`, `max_prompt_tokens`,
             `max_tokens_limit`, `max_n`, `max_prompts`, `max_choices`,
             `min_temperature`, `max_queue`, `default_max_tokens`); each defaults as there.
     """
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-    engine = HFEngine(model, tokenizer, max_batch_size=max_batch_size)
-    return build_app(engine, tokenizer, model_name, vocab_size=config.vocab_size, max_model_len=int(max_model_len),
-                     **limits)
+    # A snapshot engine over the served model itself (copy=False): weights pushed through
+    # `POST /v1/looprl/weights` land between two generate calls, never during one.
+    engine = SnapshotEngine(model, tokenizer, version=0, max_batch_size=max_batch_size, copy=False)
+    app = build_app(engine, tokenizer, model_name, vocab_size=config.vocab_size, max_model_len=int(max_model_len),
+                    **limits)
+    if accept_weights:
+        _weights_route(app, engine)
+    return app
+
+
+def _weights_route(app: FastAPI, engine: SnapshotEngine) -> None:
+    """`POST /v1/looprl/weights {"path", "version"}`: load a safetensors file of parameters
+    (a trainer's `OpenAIEngine.publish`) into the served model, as policy `version`.
+
+    The file is read from the server's own disk: only for servers bound to a trusted
+    address (`looprl serve --accept-weights`)."""
+
+    @app.post("/v1/looprl/weights")
+    async def load_weights(request: WeightsRequest) -> dict:
+        from safetensors.torch import load_file
+
+        try:
+            state = await asyncio.to_thread(load_file, request.path)
+        except (OSError, ValueError) as e:
+            raise APIError(f"cannot read weights from {request.path!r}: {e}", param="path") from None
+        try:
+            await asyncio.to_thread(engine.push, state, request.version)
+        except (ValueError, RuntimeError) as e:  # names or shapes of another model
+            raise APIError(f"the weights do not fit the served model: {str(e)[:300]}", param="path") from None
+        return {"version": engine.version, "tensors": len(state)}
 
 
 def build_app(engine: InferenceEngine, tokenizer, model_name: str, vocab_size: int,

@@ -333,6 +333,13 @@ class VLLMEngine:
             self.version += 1
         self._retire_adapters()
 
+    def publish(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        """`WeightSync.publish`: serve `state` (the adapter tensors with LoRA, else the
+        trained weights) as `version` from the next request on."""
+        self.update_weights(state)
+        with self._lock:
+            self.version = version
+
     def metrics(self, since: dict[str, float] | None = None) -> dict[str, float]:
         """`perf/engine_*` figures over the engine's life, or since `since` (a `dict(engine.stats)`).
         `busy_s` counts the seconds at least one `generate` call was in flight."""

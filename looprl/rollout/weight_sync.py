@@ -1,4 +1,20 @@
-"""An `HFEngine` over its own copy of the policy, so rollouts never see half-updated weights.
+"""How trained weights reach the samplers: one `WeightSync.publish(state, version)` contract.
+
+The run owns the policy version; after each optimizer step it publishes the trained
+tensors and the new version to whatever samples its rollouts:
+
+- `SharedWeights`: an engine that samples from the trainer's own model object (the
+  synchronous `hf` engine): the weights are already there, only the version moves;
+- `SnapshotEngine.publish`: a private copy, updated between two `generate` calls (the
+  local asynchronous producers);
+- `looprl.rollout.ray_producers.RayActorPool.publish`: Ray rollout actors, through the
+  object store;
+- `looprl.rollout.vllm_engine.VLLMEngine.publish`: vLLM's weights (the adapter with LoRA);
+- `looprl.rollout.openai_engine.OpenAIEngine.publish`: a remote server (`looprl serve`
+  loads them from a file; others are refused with a message).
+
+`SnapshotEngine` below is an `HFEngine` over its own copy of the policy, so rollouts
+never see half-updated weights.
 
 With asynchronous rollouts the trainer updates its model while the engine samples.
 `SnapshotEngine` samples from a deep copy taken when it is built; after an optimizer
@@ -17,11 +33,26 @@ from __future__ import annotations
 
 import copy as _copy
 import threading
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from looprl.rollout.engine import Completion, GenerationRequest, HFEngine
+
+
+class WeightSync(Protocol):
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Serve `state` (parameter name -> tensor: the trained ones) as policy `version`."""
+
+
+class SharedWeights:
+    """The sync of an engine that shares the trainer's model: nothing to copy."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.engine.version = version  # prefixes cached under older versions are dropped by it
 
 
 class SnapshotEngine(HFEngine):
@@ -64,6 +95,10 @@ class SnapshotEngine(HFEngine):
                 self._params[name].copy_(value)
             self.version = version
             self.pushed_tensors = len(state)
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """`WeightSync.publish`: the same as `push`."""
+        self.push(state, version)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         raise TypeError("SnapshotEngine receives weights through push(state, version), which names the version")

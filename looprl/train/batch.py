@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,32 +36,41 @@ class Batch:
     segments: torch.Tensor
     proximal_logprobs: torch.Tensor | None = None
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch on `device` (built on the host, moved in one copy per tensor)."""
+        return Batch(*(None if (t := getattr(self, f.name)) is None else t.to(device, non_blocking=True)
+                       for f in dataclasses.fields(self)))
 
-def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequence[float] | None = None) -> Batch:
+
+def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequence[float] | None = None,
+            device: torch.device | str | None = None) -> Batch:
+    """Pad `trajectories` into a `Batch` on `device` (the policy's; None: the CPU)."""
     batch, length = len(trajectories), max(len(t.input_ids) for t in trajectories)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    loss_mask = torch.zeros((batch, length), dtype=torch.float32)
-    logprobs = torch.zeros((batch, length), dtype=torch.float32)
-    segments = torch.zeros((batch, length), dtype=torch.long)
+    host = {"device": "cpu"}  # built on the host, whatever torch's default device, then moved in one copy each
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long, **host)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long, **host)
+    loss_mask = torch.zeros((batch, length), dtype=torch.float32, **host)
+    logprobs = torch.zeros((batch, length), dtype=torch.float32, **host)
+    segments = torch.zeros((batch, length), dtype=torch.long, **host)
     with_proximal = [t.proximal_logprobs is not None for t in trajectories]
     if any(with_proximal) and not all(with_proximal):
         raise ValueError("Expected proximal_logprobs on every trajectory of a batch or on none, "
                          f"actually on {sum(with_proximal)} of {batch}")
-    proximal = torch.zeros((batch, length), dtype=torch.float32) if all(with_proximal) else None
+    proximal = torch.zeros((batch, length), dtype=torch.float32, **host) if all(with_proximal) else None
     for row, traj in enumerate(trajectories):
         n = len(traj.input_ids)
-        input_ids[row, :n] = torch.tensor(traj.input_ids)
+        input_ids[row, :n] = torch.tensor(traj.input_ids, **host)
         attention_mask[row, :n] = 1
-        loss_mask[row, :n] = torch.tensor(traj.loss_mask, dtype=torch.float32)
-        logprobs[row, :n] = torch.tensor(traj.behaviour_logprobs)
+        loss_mask[row, :n] = torch.tensor(traj.loss_mask, dtype=torch.float32, **host)
+        logprobs[row, :n] = torch.tensor(traj.behaviour_logprobs, **host)
         if proximal is not None:
-            proximal[row, :n] = torch.tensor(traj.proximal_logprobs)
+            proximal[row, :n] = torch.tensor(traj.proximal_logprobs, **host)
         for turn, (start, end) in enumerate(traj.turn_spans):
             segments[row, start:end] = turn
-    adv = torch.tensor(list(advantages) if advantages is not None else [0.0] * batch, dtype=torch.float32)
-    return Batch(input_ids, attention_mask, loss_mask[:, 1:], logprobs[:, 1:], adv, segments[:, 1:],
-                 None if proximal is None else proximal[:, 1:])
+    adv = torch.tensor(list(advantages) if advantages is not None else [0.0] * batch, dtype=torch.float32, **host)
+    out = Batch(input_ids, attention_mask, loss_mask[:, 1:], logprobs[:, 1:], adv, segments[:, 1:],
+                None if proximal is None else proximal[:, 1:])
+    return out if device is None or torch.device(device).type == "cpu" else out.to(device)
 
 
 def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:

@@ -3,14 +3,17 @@ episode, and the paired change between two evaluations of the same tasks."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from looprl.envs import make_env
-from looprl.rollout.collect import collect_groups
+from looprl.rollout.collect import EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import InferenceEngine, SamplingParams
+from looprl.train.metrics import read_jsonl, write_text_atomic
 from looprl.types import Episode, Trajectory
 
 EVAL_SEED = 1234
@@ -27,23 +30,33 @@ def evaluate_episodes(
     max_new_tokens: int = 64,
     max_tokens: int = 1024,
     context_window: int | None = None,
-) -> list[dict[str, Any]]:
+    faults: FaultPolicy = FaultPolicy(),
+    concurrency: str = "thread",
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Play `episodes` episodes on seeds 0..N-1 (the same tasks every time); one record each.
 
     Sampling uses its own fixed torch seed, so evaluating never shifts the training
     run's random stream and two policies are compared on the same draws: records of
-    two evaluations pair up by `seed` (see `paired_change`).
-    `context_window` is the agent's (see `looprl.rollout.agent.run_episode`).
+    two evaluations pair up by `seed` (see `paired_change`). Episodes go through the
+    run's collection path (`faults`, `concurrency`); each record is keyed by the seed
+    it was played on.
+
+    Returns:
+        `(records, lost)`: a record per played episode, in seed order, and one
+        `{"seed", "reason", "detail"}` per episode lost on every attempt.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    player = EpisodePlayer(engine, tokenizer, lambda: make_env(env_id, **env_kwargs), params, max_tokens=max_tokens,
+                           context_window=context_window, faults=faults, concurrency=concurrency)
     seeds = list(range(episodes))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(EVAL_SEED)
-        groups = collect_groups(
-            engine, tokenizer, lambda: make_env(env_id, **env_kwargs), seeds, 1, params,
-            max_tokens=max_tokens, context_window=context_window,
-        )
-    return [episode_record(seed, group[0]) for seed, group in zip(seeds, groups)]
+        collection = player.collect(seeds, 1)
+    played = {g.seed for g in collection.groups}
+    last_failure = {f.seed: f.error for f in collection.failures}
+    lost = [{"seed": s, "reason": last_failure[s].reason, "detail": last_failure[s].detail}
+            for s in seeds if s not in played]
+    return [episode_record(g.seed, g.episodes[0]) for g in collection.groups], lost
 
 
 def episode_record(seed: int, episode: Trajectory | Episode) -> dict[str, Any]:
@@ -59,11 +72,14 @@ def episode_record(seed: int, episode: Trajectory | Episode) -> dict[str, Any]:
     }
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+def summarize(records: Sequence[dict[str, Any]], lost: int = 0) -> dict[str, float]:
+    """Success (with its standard error), return, turns, tokens over the played episodes;
+    `lost_episodes` counts the episodes lost to their environment, which are not in them."""
     n = len(records)
     success = sum(r["success"] for r in records) / n
     return {
         "episodes": n,
+        "lost_episodes": lost,
         "success_rate": success,
         "success_stderr": math.sqrt(success * (1 - success) / n),
         "mean_return": sum(r["return"] for r in records) / n,
@@ -115,3 +131,58 @@ def describe_change(change: dict[str, float]) -> str:
     """`+3.8 pts (53 gained, 15 lost; sign test p = 4e-06)`."""
     return (f"{100 * change['change']:+.1f} pts ({change['gained']} gained, {change['lost']} lost; "
             f"sign test p = {change['p_value']:.2g})")
+
+
+def eval_modes(cfg) -> dict[str, float]:
+    """A run's evaluation modes and their temperatures: sampled as in training, and greedy."""
+    return {"sampled": cfg.rollout.temperature} | ({"greedy": 0.0} if cfg.eval.greedy else {})
+
+
+def evaluate_run(cfg, engine: InferenceEngine, tokenizer, logger, progress, step: int, tag: str,
+                 run_dir: Path) -> dict[str, Any]:
+    """Evaluate a run's policy in each mode on its held-out tasks; each episode's record goes
+    to `run_dir/eval/{tag}_{mode}.jsonl`, the lost ones to `{tag}_{mode}_lost.jsonl`."""
+    if cfg.eval.episodes == 0:
+        return {}
+    env_kwargs = {**cfg.env.kwargs, **cfg.eval.env_kwargs}
+    faults = FaultPolicy(cfg.rollout.env_retries, cfg.rollout.env_step_timeout)
+    results = {}
+    for mode, temperature in eval_modes(cfg).items():
+        progress.note(f"evaluating {tag} policy ({mode}, {cfg.eval.episodes} episodes)")
+        records, lost = evaluate_episodes(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
+                                          temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                                          max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
+                                          faults=faults, concurrency=cfg.env.concurrency)
+        write_text_atomic(run_dir / "eval" / f"{tag}_{mode}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        lost_path = run_dir / "eval" / f"{tag}_{mode}_lost.jsonl"
+        if lost:
+            write_text_atomic(lost_path, "".join(json.dumps(r) + "\n" for r in lost))
+            progress.note(f"{tag} ({mode}): {len(lost)} of {cfg.eval.episodes} episodes were lost to their "
+                          f"environment (seeds {[r['seed'] for r in lost][:10]}...; see {lost_path})")
+        else:
+            lost_path.unlink(missing_ok=True)
+        results[mode] = summarize(records, lost=len(lost))
+        logger.log({f"eval/{tag}/{mode}/{k}": v for k, v in results[mode].items()}, step)
+    progress.note(f"{tag}: " + ", ".join(f"{m} success {r['success_rate']:.1%}" for m, r in results.items()))
+    return results
+
+
+def paired_changes(cfg, logger, progress, step: int, run_dir: Path) -> dict[str, Any]:
+    """Per mode, the final policy's paired change from the warm start on the same tasks
+    (when this run evaluated both); seeds lost in either evaluation are left out of the pairing."""
+    changes = {}
+    for mode in eval_modes(cfg):
+        before, after = (run_dir / "eval" / f"{tag}_{mode}.jsonl" for tag in ("warmstart", "final"))
+        if cfg.eval.episodes == 0 or not (before.exists() and after.exists()):
+            continue
+        lost = {r["seed"] for tag in ("warmstart", "final")
+                if (path := run_dir / "eval" / f"{tag}_{mode}_lost.jsonl").exists() for r in read_jsonl(path)}
+        try:
+            changes[mode] = paired_change([r for r in read_jsonl(before) if r["seed"] not in lost],
+                                          [r for r in read_jsonl(after) if r["seed"] not in lost])
+        except ValueError as e:  # e.g. resumed with another eval.episodes: report no change, keep the run
+            progress.note(f"no paired {mode} change from the warm start: {e}")
+            continue
+        logger.log({f"eval/change/{mode}/{k}": v for k, v in changes[mode].items()}, step)
+        progress.note(f"{mode} change from the warm start: {describe_change(changes[mode])}")
+    return changes

@@ -31,7 +31,7 @@ def expert_pool(make_env: Callable[[], object], tokenizer, seeds: Sequence[int])
 
 def sft_loss(model, trajectories: Sequence[Trajectory], pad_id: int) -> torch.Tensor:
     """Mean NLL of the masked (assistant) tokens."""
-    batch = collate(trajectories, pad_id)
+    batch = collate(trajectories, pad_id, device=next(model.parameters()).device)
     return -masked_mean(policy_logprobs(model, batch), batch.loss_mask)
 
 

@@ -22,10 +22,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
-from tests.algorithms.tiny_word_model import save_tiny_word_model
-
 from looprl.algorithms.core import token_logprobs
 from looprl.algorithms.dpo import dpo_loss, sequence_logps
+from tests.algorithms.tiny_word_model import save_tiny_word_model
 
 PAIRS = {
     "prompt": ["w1 w2", "w3"],

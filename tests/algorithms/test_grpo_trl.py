@@ -36,10 +36,9 @@ from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from tests.algorithms.tiny_word_model import save_tiny_word_model
-
 from looprl.algorithms.core import token_logprobs
-from looprl.algorithms.grpo import grpo_loss, group_advantages
+from looprl.algorithms.grpo import group_advantages, grpo_loss
+from tests.algorithms.tiny_word_model import save_tiny_word_model
 
 TEMPERATURE = 0.7
 MAX_COMPLETION_LENGTH = 7  # > the 5 completion columns, so dr_grpo's constant is not T

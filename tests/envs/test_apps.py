@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 import looprl.envs  # noqa: F401 — registers looprl/Apps-v0
 from looprl.envs import format_tool_call, parse_action
-from looprl.envs.apps import AppsEnv
-from looprl.envs.apps import apis, check
+from looprl.envs.apps import AppsEnv, apis, check
 from looprl.envs.apps.check import contains_all, diff, mismatch, number_answer, same
 from looprl.envs.apps.tasks import TEMPLATES, generate, split_of
 from looprl.envs.apps.world import APPS, COLLECTIONS, build_world
@@ -138,7 +137,8 @@ def test_calls_return_compact_json_and_writes_persist():
         ("notes", "create", {"title": "  ", "body": "y"}, "Error: arg 'title' must be 1-100 chars"),
         ("calendar", "add", {"title": "x", "date": "2024-02-30", "time": "10:00"}, "Error: arg 'date' must be a date YYYY-MM-DD"),
         ("calendar", "add", {"title": "x", "date": "2024-02-03", "time": "25:00"}, "Error: arg 'time' must be a time HH:MM"),
-        ("calendar", "add", {"title": "x", "date": "2024-02-03", "time": "10:00", "mins": -4}, "Error: arg 'mins' must be between 5 and 1440, got -4"),
+        ("calendar", "add", {"title": "x", "date": "2024-02-03", "time": "10:00", "mins": -4},
+         "Error: arg 'mins' must be between 5 and 1440, got -4"),
         ("contacts", "search", {"group": "enemies"}, "Error: arg 'group' must be one of family|friends|work"),
         ("contacts", "update", {"contact_id": 1}, "Error: nothing to update: give at least one of name"),
         ("files", "list", {"folder": "Nope"}, "Error: folder 'Nope' not found; folders: "),

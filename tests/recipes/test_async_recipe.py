@@ -13,7 +13,7 @@ import gymnasium
 import pytest
 import torch
 
-import looprl.train.async_loop as async_loop
+import looprl.train.recipes.streaming as streaming
 from looprl.envs import make_env
 from looprl.train.metrics import read_metrics
 from looprl.train.trainer import train
@@ -74,7 +74,7 @@ class Faulty(gymnasium.Wrapper):
 
 def test_async_run_survives_env_faults_and_never_trains_on_stale_data(tmp_path, monkeypatch):
     Faulty.made = 0
-    monkeypatch.setattr(async_loop, "make_env", lambda env_id, **kw: Faulty(make_env(env_id, **kw)))
+    monkeypatch.setattr(streaming, "make_env", lambda env_id, **kw: Faulty(make_env(env_id, **kw)))
     # No SFT: rewards do not matter here, faults and staleness do.
     cfg = async_recipe(tmp_path, 1, train={"steps": 4}, sft={"steps": 0}, rollout={"env_step_timeout": 0.3})
     train(cfg)
@@ -94,7 +94,7 @@ def test_async_run_survives_env_faults_and_never_trains_on_stale_data(tmp_path, 
 
 
 def test_sigterm_with_a_full_stream_saves_a_checkpoint_and_exits(tmp_path, monkeypatch):
-    real_call = async_loop.AsyncRollouts.__call__
+    real_call = streaming.Streaming.step
     seen = {}
 
     def call_then_sigterm(self, *args, **kwargs):
@@ -107,7 +107,7 @@ def test_sigterm_with_a_full_stream_saves_a_checkpoint_and_exits(tmp_path, monke
         os.kill(os.getpid(), signal.SIGTERM)
         return metrics
 
-    monkeypatch.setattr(async_loop.AsyncRollouts, "__call__", call_then_sigterm)
+    monkeypatch.setattr(streaming.Streaming, "step", call_then_sigterm)
     cfg = async_recipe(tmp_path, 1, train={"steps": 4, "save_every": 100}, sft={"steps": 0})
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from looprl.train.dpo_online import REFERENCE_FILE
+from looprl.train.recipes.online_dpo import REFERENCE_FILE
 from looprl.train.trainer import train
 from tests.recipes.test_recipes import final_state, rl_records, tiny_recipe
 

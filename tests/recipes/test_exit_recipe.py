@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from looprl.train.checkpoint import CheckpointManager
-from tests.recipes.test_recipes import final_state, lora_recipe, rl_records, warm_model  # noqa: F401 (fixture)
+from tests.recipes.test_recipes import final_state, lora_recipe, rl_records, warm_model  # noqa: F401, F811 (fixture)
 
 EXIT = {"enabled": True, "p_fresh": 0.5, "capacity": 8, "max_attempts": 2}
 

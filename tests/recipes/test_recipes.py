@@ -217,7 +217,7 @@ def test_a_run_reports_each_episode_and_the_paired_change_from_its_warm_start(tm
 
     # The same folder, run again without a warm-start evaluation: no change against the old run's.
     again = tiny_recipe(tmp_path, eval={"episodes": 8, "greedy": True, "before_rl": False})
-    assert "change" not in train(again)
+    assert "change" not in train(again, overwrite=True)
     assert not (again.run_dir / "eval" / "warmstart_sampled.jsonl").exists()
 
 
@@ -225,28 +225,26 @@ def test_ctrl_c_saves_the_last_complete_step_and_resume_finishes_the_run(tmp_pat
     import os
     import signal
 
-    import looprl.train.trainer as trainer
+    from looprl.train.recipes.onpolicy import OnPolicy
 
     whole = tiny_recipe(tmp_path / "a")
     train(whole)
 
-    real_step = trainer.rl_step
     calls = []
 
-    def step_then_ctrl_c(*args, **kwargs):
-        metrics = real_step(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:  # mid-run of step 1 of 4, the user presses Ctrl-C
-            os.kill(os.getpid(), signal.SIGINT)
-        return metrics
+    class StepThenCtrlC(OnPolicy):
+        def step(self, ctx):
+            metrics = super().step(ctx)
+            calls.append(1)
+            if len(calls) == 1:  # mid-run of step 1 of 4, the user presses Ctrl-C
+                os.kill(os.getpid(), signal.SIGINT)
+            return metrics
 
-    monkeypatch.setattr(trainer, "rl_step", step_then_ctrl_c)
     part = tiny_recipe(tmp_path / "b", train={"save_every": 100})
     with pytest.raises(KeyboardInterrupt):
-        train(part)
+        train(part, recipe=StepThenCtrlC)
     assert len(calls) == 1, "the step in progress finishes, no new one starts"
     assert final_state(part.run_dir)[0] == 1
-    monkeypatch.setattr(trainer, "rl_step", real_step)
     train(part, resume=True)
 
     _, state_a = final_state(whole.run_dir)
@@ -296,7 +294,7 @@ def test_kl_without_lora_is_a_clear_error(tmp_path):
 
 
 def test_the_engine_waits_for_tool_calls_as_long_as_the_config_says(tmp_path):
-    from looprl.train.trainer import start_run
+    from looprl.train.context import open_run
 
-    engine = start_run(tiny_recipe(tmp_path, rollout={"turn_wait_s": 7.5}))[3]
+    engine = open_run(tiny_recipe(tmp_path, rollout={"turn_wait_s": 7.5}), resume=False, overwrite=False).engine
     assert engine.turn_wait_s == 7.5

@@ -1,4 +1,4 @@
-"""The agent loop is token-in/token-out (DESIGN.md, "Trajectory").
+"""The agent loop is token-in/token-out (docs/architecture.md, "Trajectory").
 
 The trajectory's sampled ids are exactly what the engine returned, the loss mask covers
 exactly those ids, everything else is the chat template's rendering of the

@@ -1,4 +1,4 @@
-"""Agent-side context window: long episodes as chunks, token-exact (DESIGN.md, "Trajectory").
+"""Agent-side context window: long episodes as chunks, token-exact (docs/architecture.md, "Trajectory").
 
 With `context_window=W` an episode is a list of chunks: the prompt, the last W turns of
 the chunk before (loss mask 0), then new turns (loss mask 1 on the sampled ids); each
@@ -19,7 +19,7 @@ from looprl.envs import make_env
 from looprl.rollout.agent import ChunkedBuilder, ObservationTemplater, chat_ids, run_episode
 from looprl.rollout.collect import collect_groups
 from looprl.rollout.engine import Completion, HFEngine, SamplingParams
-from looprl.train.trainer import chunk_rows
+from looprl.train.update import chunk_rows
 from looprl.types import Episode, Trajectory
 
 HANOI = "looprl/Hanoi-v0"

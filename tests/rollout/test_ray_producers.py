@@ -21,7 +21,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-import looprl.train.async_loop as async_loop  # noqa: E402
+import looprl.train.recipes.streaming as streaming  # noqa: E402
 from looprl.rollout.engine import SamplingParams  # noqa: E402
 from looprl.rollout.ray_producers import (  # noqa: E402
     LOCAL_SYSTEM_CONFIG,
@@ -166,13 +166,14 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
             taken.append((version, [e.policy_version for g in batch for e in g.episodes]))
         return batch
 
-    real_call = async_loop.AsyncRollouts.__call__
+    real_call = streaming.Streaming.step
     seen = {"synced": [], "killed_in_flight": None}
 
-    def call(self, cfg, algorithm, model, tokenizer, engine, optimizer, sampler):
+    def call(self, ctx):
+        model, engine = ctx.model, ctx.engine
         if "initial" not in seen:
             seen["initial"] = {k: v.detach().clone() for k, v in trainable_state(model).items()}
-        metrics = real_call(self, cfg, algorithm, model, tokenizer, engine, optimizer, sampler)
+        metrics = real_call(self, ctx)
         pool, state = self.engine, trainable_state(model)
         deadline = time.perf_counter() + 60
         while self.steps_done == 4 and len(pool.ready) < 2 and time.perf_counter() < deadline:
@@ -195,7 +196,7 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
         return metrics
 
     monkeypatch.setattr(GroupStream, "take", take)
-    monkeypatch.setattr(async_loop.AsyncRollouts, "__call__", call)
+    monkeypatch.setattr(streaming.Streaming, "step", call)
     cfg = ray_recipe(tmp_path)
     start = time.perf_counter()
     train(cfg)
@@ -234,7 +235,7 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
 
 def test_sigterm_saves_a_checkpoint_kills_the_actors_and_keeps_a_cluster_it_did_not_start(tmp_path, ray_cluster,
                                                                                            monkeypatch):
-    real_call = async_loop.AsyncRollouts.__call__
+    real_call = streaming.Streaming.step
     seen = {}
 
     def call_then_sigterm(self, *args, **kwargs):
@@ -243,7 +244,7 @@ def test_sigterm_saves_a_checkpoint_kills_the_actors_and_keeps_a_cluster_it_did_
         os.kill(os.getpid(), signal.SIGTERM)  # ray.init's own SIGTERM handler must not have replaced the run's
         return metrics
 
-    monkeypatch.setattr(async_loop.AsyncRollouts, "__call__", call_then_sigterm)
+    monkeypatch.setattr(streaming.Streaming, "step", call_then_sigterm)
     cfg = ray_recipe(tmp_path, num_producers=1)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)

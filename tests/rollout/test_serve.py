@@ -24,10 +24,10 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
+from looprl.cli import main  # noqa: E402
 from looprl.envs import make_env, run_oracle  # noqa: E402
 from looprl.rollout.agent import ObservationTemplater, chat_ids, run_episode  # noqa: E402
 from looprl.rollout.engine import Completion, GenerationRequest, HFEngine, SamplingParams  # noqa: E402
-from looprl.cli import main  # noqa: E402
 from looprl.rollout.openai_api import text_pieces  # noqa: E402
 from looprl.rollout.openai_engine import OpenAIEngine  # noqa: E402
 from looprl.rollout.server import build_app  # noqa: E402

@@ -13,8 +13,14 @@ import torch
 
 from looprl.rollout.engine import GenerationRequest, SamplingParams
 from looprl.rollout.vllm_engine import (
-    AdapterRegistry, VLLMEngine, adapter_file_state, disabled_top_k, engine_args_kwargs,
-    load_vllm_api, to_completion, to_vllm_request,
+    AdapterRegistry,
+    VLLMEngine,
+    adapter_file_state,
+    disabled_top_k,
+    engine_args_kwargs,
+    load_vllm_api,
+    to_completion,
+    to_vllm_request,
 )
 
 

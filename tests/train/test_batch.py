@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
+from looprl.algorithms import build_algorithm
 from looprl.algorithms.loop import loop_loss
 from looprl.config import from_dict
 from looprl.train.batch import collate, micro_batches, policy_logprobs
 from looprl.train.policy import build_policy
-from looprl.algorithms import build_algorithm
-from looprl.train.trainer import _micro_groups, _micro_step
+from looprl.train.update import policy_count, policy_micro_step
 from looprl.types import Trajectory
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
@@ -53,10 +53,11 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(budget, loss_agg)
     model.zero_grad()
 
     algorithm = build_algorithm(cfg)
-    groups = _micro_groups(algorithm, rows, budget)
+    groups = micro_batches([len(t.input_ids) for t, _ in rows], budget)
     assert (len(groups) > 1) == (budget == 64)
-    for group, weight in groups:
-        _micro_step(cfg, algorithm, model, tokenizer, [rows[g] for g in group], weight)
+    total = policy_count(algorithm, rows)  # the loss is normalised by the whole minibatch's count
+    for group in groups:
+        policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, [rows[g] for g in group], total)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-4, msg=name)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from looprl.config import ConfigError, from_dict
-from looprl.train.dpo_offline import PairsError, load_pairs
 from looprl.train.export import load_trained_policy
 from looprl.train.metrics import read_metrics
 from looprl.train.policy import build_policy, trainable_state
+from looprl.train.recipes.offline_dpo import PairsError, load_pairs
 from looprl.train.trainer import train
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}

@@ -8,15 +8,19 @@ import random
 import pytest
 import torch
 
-import looprl.train.dpo_online as dpo_online
+import looprl.train.recipes.online_dpo as dpo_online
 from looprl.algorithms import build_algorithm
 from looprl.algorithms.core import token_logprobs
 from looprl.config import from_dict
+from looprl.rollout.collect import Collection, PlayedGroup
 from looprl.rollout.sampler import TaskSampler
+from looprl.train import update as update_module
 from looprl.train.batch import collate
-from looprl.train.dpo_online import Reference, build_reference, dpo_step, episode_logps, update_on_pairs
 from looprl.train.policy import build_policy
+from looprl.train.recipes.online_dpo import OnlineDPO, Reference, build_reference
+from looprl.train.update import episode_logps, update_on_pairs
 from looprl.types import Trajectory
+from tests.helpers import make_context
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
 
@@ -122,18 +126,21 @@ def test_dpo_step_pairs_best_and_worst_and_skips_tied_groups(setup, monkeypatch)
     rng = random.Random(3)
     rewards = [[0.0, 1.0, 0.5], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.2, 0.0, 0.2]]
     groups = [[trajectory(rng, len(tokenizer), reward=r) for r in row] for row in rewards]
-    monkeypatch.setattr(dpo_online, "collect_step_groups", lambda *a, **k: groups)
     seen = []
-    real = dpo_online.update_on_pairs
+    real = update_module.update_on_pairs
 
     def spy(cfg, algorithm, model, pad_id, optimizer, reference, pairs):
         seen.extend(pairs)
         return real(cfg, algorithm, model, pad_id, optimizer, reference, pairs)
 
     monkeypatch.setattr(dpo_online, "update_on_pairs", spy)
-    engine = type("Engine", (), {"version": 0, "update_weights": lambda self: None})()
-    metrics = dpo_step(cfg, build_algorithm(cfg), model, tokenizer, engine, optimizer, TaskSampler(0),
-                       Reference(model, copy.deepcopy(model)))
+    engine = type("Engine", (), {"version": 0})()
+    ctx = make_context(cfg, model, tokenizer, optimizer, engine, TaskSampler(0))
+    recipe = OnlineDPO.__new__(OnlineDPO)  # without building its player and reference: both are given here
+    recipe.reference = Reference(model, copy.deepcopy(model))
+    recipe.player = type("Player", (), {"collect": lambda self, seeds, k: Collection(
+        [PlayedGroup(i, s, g) for i, (s, g) in enumerate(zip(seeds, groups))], [], {})})()
+    metrics = recipe.step(ctx)
     assert metrics["rollout/pairs"] == 2
     assert seen == [(groups[0][1], groups[0][0]), (groups[3][0], groups[3][1])]
     assert metrics["train/optimizer_steps"] == 1 and metrics["rollout/kept_frac"] == 4 / 12
@@ -159,7 +166,7 @@ def test_with_lora_the_reference_is_the_adapter_free_model(tmp_path):
     metrics = update_on_pairs(cfg, build_algorithm(cfg), model, tokenizer.pad_token_id, optimizer, reference, pairs)
     assert metrics["train/optimizer_steps"] == 2
     torch.testing.assert_close(ref_logps(), before)  # the adapter moved; the reference did not
-    policy = episode_logps(lambda b: dpo_online.policy_logprobs(model, b), episodes, tokenizer.pad_token_id, None)
+    policy = episode_logps(lambda b: update_module.policy_logprobs(model, b), episodes, tokenizer.pad_token_id, None)
     assert not torch.allclose(policy, before)
 
 
@@ -168,7 +175,7 @@ def test_episode_logps_do_not_depend_on_how_episodes_are_batched(setup):
     rng = random.Random(5)
     episodes = [trajectory(rng, len(tokenizer), prompt=p, sampled=s, obs=o)
                 for p, s, o in [(3, 4, 2), (8, 6, 5), (5, 2, 9), (4, 9, 1)]]
-    fn = lambda b: dpo_online.policy_logprobs(model, b)  # noqa: E731
+    fn = lambda b: update_module.policy_logprobs(model, b)  # noqa: E731
     with torch.no_grad():
         together = episode_logps(fn, episodes, tokenizer.pad_token_id, None)
         packed = episode_logps(fn, episodes, tokenizer.pad_token_id, max_tokens=40)

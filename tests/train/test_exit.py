@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from looprl.algorithms import build_algorithm
 from looprl.config import from_dict
 from looprl.envs import format_tool_call, run_oracle
 from looprl.rollout.engine import HFEngine
 from looprl.rollout.exit_sampler import StartingPoint
-from looprl.train import exit as exit_module
-from looprl.train.exit import build_exit_sampler, exit_step
 from looprl.train.policy import build_policy
+from looprl.train.recipes.exit import ExIt
+from tests.helpers import make_context
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
 
@@ -30,24 +29,30 @@ def test_an_exit_step_trains_on_revisions_and_grows_the_buffer(monkeypatch, tmp_
     })
     model, tokenizer = build_policy(cfg)
     engine = HFEngine(model, tokenizer)
-    sampler = build_exit_sampler(cfg)
+    sampler = ExIt.sampler(cfg)
     wrong = [run_oracle("looprl/Calc-v0", 3)[0], format_tool_call("answer", {"value": -1})]
     sampler.add(StartingPoint(seed=3, history=tuple(wrong), attempts=1, score=0.1))
     seen = {}
 
+    ctx = make_context(cfg, model, tokenizer, torch.optim.AdamW(model.parameters(), lr=1e-2), engine, sampler,
+                       tmp_path)
+    recipe = ExIt(ctx, fresh=True)
+
     def collect(*args, **kwargs):
-        groups, histories = exit_module_collect(*args, **kwargs)
+        collection = exit_module_collect(*args, **kwargs)
+        groups = collection.episodes
         seen["groups"] = groups
         for group in groups:  # an untrained model never succeeds: give the groups variance
             for k, t in enumerate(group):
                 t.turn_rewards[-1] = float(k % 2)
-        return groups, [[["x"], None, ["y"], None] for _ in groups]
+        for group in collection.groups:
+            group.observed = [["x"], None, ["y"], None]
+        return collection
 
-    exit_module_collect = exit_module.collect_revisions
-    monkeypatch.setattr(exit_module, "collect_revisions", collect)
+    exit_module_collect = recipe.player.collect
+    recipe.player.collect = collect
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    metrics = exit_step(cfg, build_algorithm(cfg), model, tokenizer, engine,
-                        torch.optim.AdamW(model.parameters(), lr=1e-2), sampler)
+    metrics = recipe.step(ctx)
 
     revision, fresh = seen["groups"]
     prompt = revision[0].input_ids[:revision[0].turn_spans[0][0]]

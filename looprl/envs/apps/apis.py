@@ -211,8 +211,3 @@ def delete_record(world: dict[str, Any], collection: str, args: dict[str, Any], 
 def contains(text: str, query: str) -> bool:
     """Whether `query` occurs in `text`, ignoring case."""
     return query.casefold() in text.casefold()
-
-
-# The declarations live in their own modules; importing them here fills `APIS` whoever
-# imports this one first.
-from looprl.envs.apps import organizer, people  # noqa: E402, F401

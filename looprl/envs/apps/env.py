@@ -18,10 +18,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from looprl.envs.apps import apis
+from looprl.envs.apps import apis, organizer, people  # noqa: F401 (registers their APIs in `apis`)
 from looprl.envs.apps.check import diff, mismatch
-from looprl.envs.apps.tasks import LEVELS, MAX_SEED, AppsTask, call_arguments, generate
-from looprl.envs.apps.tasks import parse_task_id
+from looprl.envs.apps.tasks import LEVELS, MAX_SEED, AppsTask, call_arguments, generate, parse_task_id
 from looprl.envs.apps.world import TODAY_TEXT
 from looprl.envs.base import Task, ToolEnv
 from looprl.envs.parsing import format_tool_call

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from looprl.envs.apps.apis import ApiError, api, contains, delete_record, get_record
-from looprl.envs.apps.apis import update_record
+from looprl.envs.apps.apis import ApiError, api, contains, delete_record, get_record, update_record
 from looprl.envs.apps.world import GROUPS, add, day
 
 World = dict[str, Any]

@@ -92,7 +92,7 @@ def build_world(rnd: random.Random) -> dict[str, Any]:
     """Draws one world: a user and their apps' data, all from `rnd`."""
     world: dict[str, Any] = {"next_id": 1, "balance": round(rnd.uniform(800, 2000), 2)}
     world.update({name: [] for name in COLLECTIONS})
-    names = rnd.sample([(f, l) for f in FIRST_NAMES for l in LAST_NAMES], rnd.randint(11, 20))
+    names = rnd.sample([(first, last) for first in FIRST_NAMES for last in LAST_NAMES], rnd.randint(11, 20))
     user, people = names[0], names[1:]
     world["user"] = {"name": " ".join(user), "email": _email(user, "mail.com")}
     phones = rnd.sample(range(1000, 10000), len(people))

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from looprl.config import RunConfig
 from looprl.train.checkpoint import CheckpointManager
-from looprl.train.dpo_online import METRIC_NAMES
+from looprl.train.context import open_run
+from looprl.train.evaluate import evaluate_run, paired_changes
 from looprl.train.metrics import MetricsLogger, init_wandb, write_text_atomic
 from looprl.train.policy import trainable_state
-from looprl.train.progress import RunProgress
+from looprl.train.update import DPO_METRIC_NAMES
 
 KEYS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant", "tool")
@@ -103,18 +103,17 @@ def _check_messages(messages: list, where: str, final_assistant: bool) -> None:
         raise PairsError(f"{where}: the last message must be the assistant's, got role {messages[-1]['role']!r}")
 
 
-def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+def train_offline_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Offline DPO for a recipe whose `algorithm.dataset` is set; returns (and writes) the results."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from looprl.train.trainer import _evaluate_all, _paired_changes, start_run
-
     if resume:
         raise ValueError("--resume is not supported for offline DPO (algorithm.dataset): start the run again")
     pairs = load_pairs(cfg.algorithm.dataset)  # before anything is written
-    model, tokenizer, run_dir, engine = start_run(cfg)
+    ctx = open_run(cfg, resume=False, overwrite=overwrite)
+    model, tokenizer, run_dir, engine = ctx.model, ctx.tokenizer, ctx.run_dir, ctx.engine
     logger = MetricsLogger(run_dir, wandb_run=init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project,
                                                          cfg.name, run_dir, cfg.model_dump(mode="json")))
     results: dict[str, Any] = {}
@@ -124,8 +123,10 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             logger.log({_metric_name(k): v for k, v in (logs or {}).items()}, state.global_step)
 
     algo = cfg.algorithm
+    on_cpu = ctx.device.type == "cpu"
     args = DPOConfig(
-        output_dir=str(run_dir / "trl"), use_cpu=True, bf16=False, seed=cfg.seed, report_to=[],
+        output_dir=str(run_dir / "trl"), use_cpu=on_cpu, bf16=cfg.model.dtype == "bfloat16" and not on_cpu,
+        fp16=cfg.model.dtype == "float16" and not on_cpu, seed=cfg.seed, report_to=[],
         beta=algo.beta, max_length=cfg.env.max_tokens,
         # RPO's NLL term is TRL's "sft" loss (a token-mean over the batch's chosen tokens).
         loss_type=[algo.loss_type] + (["sft"] if algo.nll_coef > 0 else []),
@@ -136,23 +137,22 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         warmup_steps=0, logging_steps=1, save_strategy="no", disable_tqdm=not cfg.progress,
     )
     ref_model = None if cfg.lora.enabled else copy.deepcopy(model).requires_grad_(False)
-    with RunProgress(enabled=cfg.progress) as progress:
-        shutil.rmtree(run_dir / "eval", ignore_errors=True)  # no resume: always a fresh run
+    with ctx.progress as progress:
         if cfg.eval.before_rl:
-            results["warmstart"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, 0, "warmstart", run_dir)
+            results["warmstart"] = evaluate_run(cfg, engine, tokenizer, logger, progress, 0, "warmstart", run_dir)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
                              processing_class=tokenizer, callbacks=[LogToRun()])
         output = trainer.train()
         model.eval()  # Trainer left it in train mode; rollouts and evaluation see the eval-mode policy
-        engine.update_weights()
+        ctx.publish()
         step = trainer.state.global_step
         results["dpo"] = {"steps": step, "seconds": output.metrics.get("train_runtime"), "pairs": len(pairs)}
-        results["final"] = _evaluate_all(cfg, engine, tokenizer, logger, progress, step, "final", run_dir)
-        if change := _paired_changes(cfg, logger, progress, step, run_dir):
+        results["final"] = evaluate_run(cfg, engine, tokenizer, logger, progress, step, "final", run_dir)
+        if change := paired_changes(cfg, logger, progress, step, run_dir):
             results["change"] = change
     CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints).save(
         step, model_state=trainable_state(model), blocking=True,
-        extra={"policy_version": engine.version, "config": cfg.model_dump(mode="json"), "results": results},
+        extra={"policy_version": ctx.version, "config": cfg.model_dump(mode="json"), "results": results},
     )
     logger.close()
     write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
@@ -162,5 +162,5 @@ def train_offline_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 def _metric_name(key: str) -> str:
     """TRL's log keys in looprl's namespaces (the same names as online DPO's where they match)."""
     names = {"loss": "train/dpo_loss", "grad_norm": "train/grad_norm", "learning_rate": "train/lr",
-             "epoch": "train/epoch", **METRIC_NAMES}
+             "epoch": "train/epoch", **DPO_METRIC_NAMES}
     return names.get(key, f"train/{key}")

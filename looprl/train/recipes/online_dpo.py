@@ -28,24 +28,20 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 
-from looprl.algorithms.dpo import sequence_logps
-from looprl.rollout.collect import collect_step_groups
-from looprl.train.batch import collate, policy_logprobs, reference_logprobs
+from looprl.rollout.collect import drop_metrics
+from looprl.train.batch import policy_logprobs, reference_logprobs
 from looprl.train.metrics import rollout_metrics, step_timings
+from looprl.train.update import update_on_pairs
 
 REFERENCE_FILE = "dpo_reference.pt"
 
-# The algorithm's metric names -> the names the run logs.
-METRIC_NAMES = {"rewards/chosen": "train/chosen_reward", "rewards/rejected": "train/rejected_reward",
-            "rewards/margins": "train/reward_margin", "rewards/accuracies": "train/reward_accuracy"}
-
 
 class Reference:
-    """Sequence log-probs under the reference policy (see the module docstring).
+    """Token log-probs under the reference policy (see the module docstring).
 
     Args:
         model: the policy being trained.
@@ -76,109 +72,47 @@ def build_reference(cfg, model, run_dir: Path, fresh: bool) -> Reference:
         raise FileNotFoundError(f"--resume: the DPO reference weights {str(path)!r} are missing; "
                                 "they are written when the run starts and cannot be rebuilt")
     else:
-        frozen.load_state_dict(torch.load(path, weights_only=True))
+        frozen.load_state_dict(torch.load(path, weights_only=True, map_location=next(model.parameters()).device))
     return Reference(model, frozen)
 
 
-def dpo_step(cfg, algorithm, model, tokenizer, engine, optimizer, sampler, reference: Reference) -> dict[str, float]:
-    """One online DPO step: rollouts, best/worst pairs, `epochs` passes of pair minibatches."""
-    t0 = time.perf_counter()
-    groups = collect_step_groups(cfg, engine, tokenizer, sampler.sample(cfg.rollout.tasks_per_step))
-    t1 = time.perf_counter()
-    rewards = torch.tensor([[t.reward for t in g] for g in groups])  # (G, K)
-    pairs = [(groups[g][b], groups[g][w]) for g, b, w in algorithm.pairs(rewards)]
-    train_metrics = update_on_pairs(cfg, algorithm, model, tokenizer.pad_token_id, optimizer, reference, pairs)
-    engine.update_weights()
-    t2 = time.perf_counter()
-    return {
-        **rollout_metrics(groups, rewards),
-        "rollout/pairs": len(pairs),
-        "rollout/kept_frac": 2 * len(pairs) / rewards.numel(),
-        **train_metrics,
-        "policy_version": engine.version,
-        **step_timings(groups, t0, t1, t2),
-    }
+class OnlineDPO:
+    """One online DPO step: rollouts, best/worst pairs, `epochs` passes of pair minibatches.
 
-
-def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference: Reference,
-                    pairs: Sequence[tuple]) -> dict[str, float]:
-    """`epochs` passes of shuffled pair minibatches, one optimizer step each."""
-    if not pairs:
-        return {"train/optimizer_steps": 0}
-    update, temperature = cfg.algorithm, cfg.rollout.temperature
-    ref = episode_logps(lambda b: reference.logprobs(b, temperature), [t for p in pairs for t in p], pad_id,
-                        update.micro_batch_tokens).view(-1, 2)  # (P, 2): chosen, rejected
-    params = [p for p in model.parameters() if p.requires_grad]
-    sums: dict[str, float] = {}
-    steps = 0
-    for _ in range(update.epochs):
-        order = torch.randperm(len(pairs)).tolist()
-        for i in range(0, len(order), update.minibatch_size):
-            rows = order[i:i + update.minibatch_size]
-            optimizer.zero_grad(set_to_none=True)
-            for group in _micro_groups([pairs[j] for j in rows], update.micro_batch_tokens):
-                idx = [rows[g] for g in group]
-                weight = len(idx) / len(rows)
-                metrics = _micro_step(cfg, algorithm, model, pad_id, [pairs[j] for j in idx], ref[idx], weight)
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value * weight
-            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
-                params, cfg.optim.grad_clip).item()
-            optimizer.step()
-            steps += 1
-    return {**{k: v / steps for k, v in sums.items()}, "train/optimizer_steps": steps, "train/lr": cfg.optim.lr}
-
-
-def _micro_step(cfg, algorithm, model, pad_id: int, pairs: Sequence[tuple], ref: torch.Tensor, weight: float):
-    """Forward chosen and rejected of some pairs together, backward their share of the loss."""
-    episodes = [t for p in pairs for t in p]  # chosen_0, rejected_0, chosen_1, ...
-    logps = episode_logps(lambda b: policy_logprobs(model, b, cfg.rollout.temperature), episodes, pad_id,
-                          max_tokens=None).view(-1, 2)  # (P, 2)
-    tokens = torch.tensor([float(t.num_sampled_tokens) for t in episodes]).view(-1, 2)
-    loss, metrics = algorithm.loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1])
-    (loss * weight).backward()
-    # `train/dpo_loss` is the whole loss (with RPO's NLL term when nll_coef > 0; `train/nll` then).
-    return {"train/dpo_loss": loss.item(), **{METRIC_NAMES.get(k, f"train/{k}"): v for k, v in metrics.items()}}
-
-
-def episode_logps(token_logprobs_fn, episodes: Sequence, pad_id: int, max_tokens: int | None) -> torch.Tensor:
-    """(N,) log pi(episode): the sum over each episode's chunks of their sampled-token logprobs.
-
-    `token_logprobs_fn(batch) -> (B, L-1)`; with `max_tokens` the chunks go through it in
-    length-sorted groups of at most that many padded tokens, else all at once.
+    Built after the warm-start, which is what a full fine-tune's reference freezes.
     """
-    chunks = [(i, c) for i, ep in enumerate(episodes) for c in ep.chunks]
-    lengths = [len(c.input_ids) for _, c in chunks]
-    groups = _pack(lengths, [1] * len(chunks), max_tokens) if max_tokens else [list(range(len(chunks)))]
-    out = torch.zeros(len(episodes))
-    for group in groups:
-        batch = collate([chunks[j][1] for j in group], pad_id)
-        seq = sequence_logps(token_logprobs_fn(batch), batch.loss_mask)  # (B,)
-        out = out.index_add(0, torch.tensor([chunks[j][0] for j in group]), seq)
-    return out
 
+    def __init__(self, ctx, fresh: bool):
+        self.player = ctx.player()
+        self.reference = build_reference(ctx.cfg, ctx.model, ctx.run_dir, fresh)
 
-def _micro_groups(pairs: Sequence[tuple], max_tokens: int) -> list[list[int]]:
-    """Pairs grouped so that each forward (both sides, all chunks) pads to at most `max_tokens`."""
-    lengths = [max(len(c.input_ids) for t in p for c in t.chunks) for p in pairs]
-    rows = [sum(len(t.chunks) for t in p) for p in pairs]
-    return _pack(lengths, rows, max_tokens)
+    def step(self, ctx) -> dict[str, Any]:
+        cfg = ctx.cfg
+        t0 = time.perf_counter()
+        collection = self.player.collect(ctx.sampler.sample(cfg.rollout.tasks_per_step), cfg.rollout.group_size)
+        groups = collection.episodes
+        t1 = time.perf_counter()
+        rewards = torch.tensor([[t.reward for t in g] for g in groups], device="cpu")  # (G, K)
+        pairs = [(groups[g][b], groups[g][w]) for g, b, w in ctx.algorithm.pairs(rewards)]
+        train_metrics = update_on_pairs(cfg, ctx.algorithm, ctx.model, ctx.tokenizer.pad_token_id, ctx.optimizer,
+                                        self.reference, pairs)
+        ctx.publish()
+        t2 = time.perf_counter()
+        return {
+            **rollout_metrics(groups, rewards),
+            **drop_metrics(collection.dropped),
+            "rollout/pairs": len(pairs),
+            "rollout/kept_frac": 2 * len(pairs) / rewards.numel(),
+            **train_metrics,
+            "policy_version": ctx.version,
+            **step_timings(groups, t0, t1, t2),
+        }
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-def _pack(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Length-sorted groups whose padded size (rows x longest) stays under `max_tokens`;
-    an item over the budget gets a group of its own.
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
-    >>> _pack([5, 100, 6, 90], [2, 2, 2, 2], max_tokens=400)
-    [[0, 2], [3, 1]]
-    """
-    groups: list[list[int]] = []
-    used = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups and (used + rows[i]) * lengths[i] <= max_tokens:
-            groups[-1].append(i)
-            used += rows[i]
-        else:
-            groups.append([i])
-            used = rows[i]
-    return groups
+    def close(self) -> None:
+        pass

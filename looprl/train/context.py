@@ -1,0 +1,160 @@
+"""What a run holds while it trains: the `RunContext` every recipe's step reads and writes.
+
+The run, not an engine, owns the policy version: `RunContext.publish()` moves it on after
+an optimizer step and hands the trained tensors to the weight sync of whatever samples
+the rollouts (`looprl.rollout.weight_sync`).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from looprl.algorithms import build_algorithm
+from looprl.config import RunConfig, to_yaml
+from looprl.envs import make_env
+from looprl.rollout.collect import EpisodePlayer, FaultPolicy
+from looprl.rollout.engine import HFEngine, InferenceEngine, SamplingParams
+from looprl.rollout.sampler import TaskSampler
+from looprl.rollout.weight_sync import SharedWeights, WeightSync
+from looprl.train.metrics import MetricsLogger
+from looprl.train.policy import build_policy, trainable_state
+from looprl.train.progress import RunProgress
+
+
+@dataclass
+class RunContext:
+    """One training run's parts.
+
+    Attributes:
+        cfg: the run config.
+        model, tokenizer: the policy being trained.
+        optimizer: over its trainable parameters.
+        algorithm: from `looprl.algorithms.build_algorithm`.
+        sampler: which tasks the next rollouts play (its state is checkpointed).
+        engine: where the run's own rollouts and evaluations are sampled.
+        sync: how published weights reach `engine`.
+        run_dir: the run folder.
+        logger: `metrics.jsonl` (and wandb).
+        progress: the live display.
+        stop: `stop.requested` once Ctrl-C or SIGTERM asked the run to end.
+        version: the policy version: the number of weight updates published.
+        step: the RL steps done.
+    """
+
+    cfg: RunConfig
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    algorithm: Any
+    sampler: Any
+    engine: InferenceEngine
+    sync: WeightSync
+    run_dir: Path
+    logger: MetricsLogger
+    progress: RunProgress
+    stop: Any = None
+    version: int = 0
+    step: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def publish(self) -> None:
+        """The optimizer changed the weights: a new policy version, sent to the samplers."""
+        self.version += 1
+        self.sync.publish(trainable_state(self.model), self.version)
+
+    def make_env(self) -> Any:
+        """One training environment."""
+        return make_env(self.cfg.env.id, **self.cfg.env.kwargs)
+
+    def player(self, engine: InferenceEngine | None = None, **kwargs) -> EpisodePlayer:
+        """The episode player of this run's rollouts (see `episode_player`)."""
+        return episode_player(self.cfg, engine or self.engine, self.tokenizer, **kwargs)
+
+
+def env_factory(cfg: RunConfig, kwargs: dict[str, Any] | None = None) -> Callable[[], Any]:
+    """A picklable builder of the run's environment (with `kwargs` overriding `env.kwargs`)."""
+    return functools.partial(make_env, cfg.env.id, **{**cfg.env.kwargs, **(kwargs or {})})
+
+
+def episode_player(cfg: RunConfig, engine: InferenceEngine, tokenizer, *, temperature: float | None = None,
+                   env_kwargs: dict[str, Any] | None = None, **kwargs) -> EpisodePlayer:
+    """How the run plays episodes: its env, sampling settings, limits and fault policy."""
+    r = cfg.rollout
+    params = SamplingParams(r.max_new_tokens, r.temperature if temperature is None else temperature)
+    return EpisodePlayer(engine, tokenizer, env_factory(cfg, env_kwargs), params, max_tokens=cfg.env.max_tokens,
+                         context_window=r.context_window, faults=FaultPolicy(r.env_retries, r.env_step_timeout),
+                         concurrency=cfg.env.concurrency, **kwargs)
+
+
+def build_engine(cfg: RunConfig, model, tokenizer, run_dir: Path) -> tuple[InferenceEngine, WeightSync]:
+    """The engine the config names over the policy, and how weights reach it."""
+    r = cfg.rollout
+    if r.engine == "hf":
+        engine = HFEngine(model, tokenizer, max_batch_size=r.max_batch_size, turn_wait_s=r.turn_wait_s,
+                          prefix_cache=r.prefix_cache)
+        return engine, SharedWeights(engine)
+    if r.engine == "openai":
+        from looprl.rollout.openai_engine import OpenAIEngine
+
+        engine = OpenAIEngine(r.openai_url, r.openai_model or cfg.model.name, max_concurrency=r.max_batch_size,
+                              weights_dir=str(run_dir / "published_weights"))
+        return engine, engine
+    from looprl.rollout.vllm_engine import VLLMEngine  # imports vllm: only when asked
+    from looprl.train.models import resolve_model_path
+
+    engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.tiny or None), lora=cfg.lora.enabled,
+                        max_lora_rank=cfg.lora.r, **r.vllm_kwargs)
+    return engine, engine
+
+
+def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> RunContext:
+    """What every run starts with: threads, seeds, the policy and its optimizer, the run
+    folder (claimed) with its `config.yaml`, and the engine the config names."""
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    model, tokenizer = build_policy(cfg)
+    run_dir = claim_run_dir(cfg.run_dir, resume=resume, overwrite=overwrite)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    engine, sync = build_engine(cfg, model, tokenizer, run_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=cfg.optim.betas)
+    return RunContext(cfg=cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, algorithm=build_algorithm(cfg),
+                      sampler=sampler if sampler is not None else TaskSampler(cfg.seed), engine=engine, sync=sync,
+                      run_dir=run_dir, logger=None, progress=RunProgress(enabled=cfg.progress))
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path:
+    """The run folder, made ready for this run: kept as it is to resume, emptied with
+    `overwrite`, and refused if it holds anything otherwise (an old run's checkpoints
+    would be mistaken for this one's by `eval`, `export`, `serve` and `--resume`)."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in its folder and --overwrite deletes it: pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"Run folder {str(run_dir)!r} is a file")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"Run folder {str(run_dir)!r} already holds a run: pass --resume to continue it "
+                                  "or --overwrite to replace it (or choose another name=)")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,277 @@
+"""One minibatch update for every recipe: epochs of shuffled minibatches, one optimizer step each.
+
+`minibatch_update` serves the policy-gradient recipes (rows of a trajectory chunk and
+its advantage) and DPO (pairs of episodes) alike. A minibatch is split into
+micro-batches that fit a token budget; each micro-batch's loss is normalised by the
+whole minibatch's count of the loss's unit (tokens, sequences or pairs: the
+algorithm's `aggregates_over`), so the accumulated gradient is the minibatch's by
+construction (verl's `agg_loss(..., global_batch_size)`), not by weights computed here.
+Reported metrics are each micro-batch's own means, weighted by its share of that count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from looprl.algorithms.core import PairLossInputs, PolicyLossInputs, behaviour_weights, masked_mean
+from looprl.algorithms.dpo import sequence_logps
+from looprl.algorithms.grpo import kl_k3
+from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
+from looprl.types import Episode, Trajectory
+
+Item = TypeVar("Item")
+Row = tuple[Trajectory, float]  # a chunk to train on and its episode's advantage
+
+# The algorithms' DPO metric names -> the names a run logs.
+DPO_METRIC_NAMES = {"rewards/chosen": "train/chosen_reward", "rewards/rejected": "train/rejected_reward",
+                    "rewards/margins": "train/reward_margin", "rewards/accuracies": "train/reward_accuracy"}
+
+
+def minibatch_update(
+    model,
+    optimizer,
+    items: Sequence[Item],
+    *,
+    epochs: int,
+    minibatch_size: int,
+    grad_clip: float,
+    lr: float,
+    plan: Callable[[Sequence[Item]], list[list[int]]],
+    count: Callable[[Sequence[Item]], float],
+    micro_step: Callable[[Sequence[Item], float], dict[str, float]],
+    metric_prefix: str = "train/",
+) -> dict[str, float]:
+    """`epochs` passes of shuffled minibatches over `items`, one optimizer step each.
+
+    Args:
+        model: the policy (its trainable parameters are clipped and stepped).
+        optimizer: over those parameters.
+        items: what to train on (rows, pairs).
+        epochs, minibatch_size: passes, and items per optimizer step.
+        grad_clip: max global gradient norm.
+        lr: recorded as `train/lr`.
+        plan: a minibatch's micro-batches, as lists of indices into it.
+        count: the loss's normaliser of some items (their tokens, rows or pairs).
+        micro_step: forward and backward some items with the minibatch's count as the
+            normaliser; returns their metrics (means over those items).
+        metric_prefix: prefixed to `micro_step`'s metric names.
+
+    Returns:
+        The mean over optimizer steps of the minibatch metrics and `grad_norm`, with
+        `train/optimizer_steps` and `train/lr`.
+    """
+    if not items:
+        return {"train/optimizer_steps": 0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(items), device="cpu").tolist()  # the host's generator, any default device
+        for i in range(0, len(order), minibatch_size):
+            rows = [items[j] for j in order[i:i + minibatch_size]]
+            total = max(count(rows), 1)
+            optimizer.zero_grad(set_to_none=True)
+            for group in plan(rows):
+                micro = [rows[g] for g in group]
+                weight = count(micro) / total
+                for key, value in micro_step(micro, total).items():
+                    sums[metric_prefix + key] = sums.get(metric_prefix + key, 0.0) + value * weight
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+            sums[f"{metric_prefix}grad_norm"] = sums.get(f"{metric_prefix}grad_norm", 0.0) + norm
+            optimizer.step()
+            steps += 1
+    return {**{k: v / steps for k, v in sums.items()}, "train/optimizer_steps": steps, "train/lr": lr}
+
+
+def chunk_rows(groups: Sequence[Sequence[Trajectory | Episode]], advantages: torch.Tensor,
+               keep: torch.Tensor) -> list[Row]:
+    """The training rows of the kept episodes: every chunk with its episode's advantage.
+
+    Advantages are per episode (a group is K episodes of one task); an episode played
+    with a context window trains as several chunks, which all get its advantage. A
+    `Trajectory`'s only chunk is itself.
+
+    Args:
+        groups: (G, K) episodes.
+        advantages: (G, K) per-episode advantages.
+        keep: (G, K) mask of the episodes to train on.
+    """
+    return [(chunk, a) for g, adv, k in zip(groups, advantages.tolist(), keep.tolist())
+            for episode, a, ok in zip(g, adv, k) if ok for chunk in episode.chunks]
+
+
+def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Row]) -> dict[str, float]:
+    """The policy-gradient update of one step's rows (LOOP, GRPO; sync, async, ExIt)."""
+    update = cfg.algorithm
+
+    def micro_step(micro: Sequence[Row], total: float) -> dict[str, float]:
+        return policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, micro, total)
+
+    return minibatch_update(
+        model, optimizer, rows, epochs=update.epochs, minibatch_size=update.minibatch_size,
+        grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=lambda micro: policy_count(algorithm, micro),
+        micro_step=micro_step,
+        plan=lambda micro: micro_batches([len(t.input_ids) for t, _ in micro], update.micro_batch_tokens),
+    )
+
+
+def policy_count(algorithm, rows: Sequence[Row]) -> float:
+    """The normaliser of a policy loss over `rows`: their sampled tokens or their number."""
+    if algorithm.aggregates_over == "tokens":
+        return sum(t.num_sampled_tokens for t, _ in rows)
+    return len(rows)
+
+
+def policy_micro_step(cfg, algorithm, model, pad_id: int, rows: Sequence[Row], total: float) -> dict[str, float]:
+    """Forward and backward one micro-batch, its loss normalised by the minibatch's `total`
+    (`policy_count`); returns its loss metrics."""
+    batch = collate([t for t, _ in rows], pad_id, [a for _, a in rows], device=model_device(model))
+    logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
+    old_logprobs, ref, weights, decoupled = batch.old_logprobs, None, None, {}
+    if algorithm.needs_reference:
+        ref = reference_logprobs(model, batch, cfg.rollout.temperature)
+    if batch.proximal_logprobs is not None:
+        # Decoupled PPO: clip around the proximal policy, weight by pi_prox / pi_behaviour.
+        old_logprobs = batch.proximal_logprobs
+        weights = behaviour_weights(batch.proximal_logprobs, batch.old_logprobs, batch.loss_mask,
+                                    cfg.rollout.behaviour_weight_cap)
+        decoupled = _behaviour_weight_metrics(weights, batch, cfg.rollout.behaviour_weight_cap)
+    inputs = PolicyLossInputs(logprobs, old_logprobs, batch.advantages, batch.loss_mask, batch.segments, ref, weights)
+    loss, metrics = algorithm.loss(inputs, global_count=total)
+    loss.backward()
+    return {**metrics, **decoupled}
+
+
+def _behaviour_weight_metrics(weights: torch.Tensor, batch, cap: float | None) -> dict[str, float]:
+    """How far the proximal policy is from the behaviour one, on the sampled tokens."""
+    mask = batch.loss_mask
+    over_cap = torch.zeros_like(mask) if cap is None else (batch.proximal_logprobs - batch.old_logprobs > math.log(cap))
+    return {
+        "behaviour_weight_mean": masked_mean(weights, mask).item(),
+        "behaviour_capped_frac": masked_mean(over_cap.to(mask.dtype), mask).item(),
+        # k3 estimate of KL(behaviour || proximal), sampled from the behaviour: how stale the rollouts were.
+        "behaviour_kl": masked_mean(kl_k3(batch.old_logprobs, batch.proximal_logprobs), mask).item(),
+    }
+
+
+def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
+                    pairs: Sequence[tuple]) -> dict[str, float]:
+    """The DPO update of one step's (chosen, rejected) episode pairs.
+
+    `reference.logprobs(batch, temperature) -> (B, L-1)` gives the reference policy's
+    token logprobs; its sequence log-probs are computed once, before the updates (the
+    reference does not move; TRL's `precompute_ref_log_probs`).
+    """
+    if not pairs:
+        return {"train/optimizer_steps": 0}
+    update = cfg.algorithm
+    device = model_device(model)
+    ref = episode_logps(lambda b: reference.logprobs(b, cfg.rollout.temperature), [t for p in pairs for t in p],
+                        pad_id, update.micro_batch_tokens, device).view(-1, 2)  # (P, 2): chosen, rejected
+    indexed = list(range(len(pairs)))
+
+    def micro_step(idx: Sequence[int], total: float) -> dict[str, float]:
+        return _pair_micro_step(cfg, algorithm, model, pad_id, [pairs[j] for j in idx], ref[list(idx)], total)
+
+    return minibatch_update(
+        model, optimizer, indexed, epochs=update.epochs, minibatch_size=update.minibatch_size,
+        grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=len, micro_step=micro_step,
+        plan=lambda idx: pair_micro_batches([pairs[j] for j in idx], update.micro_batch_tokens),
+    )
+
+
+def _pair_micro_step(cfg, algorithm, model, pad_id: int, pairs: Sequence[tuple], ref: torch.Tensor,
+                     total: float) -> dict[str, float]:
+    """Forward chosen and rejected of some pairs together, backward their share of the loss."""
+    episodes = [t for p in pairs for t in p]  # chosen_0, rejected_0, chosen_1, ...
+    logps = episode_logps(lambda b: policy_logprobs(model, b, cfg.rollout.temperature), episodes, pad_id,
+                          None, model_device(model)).view(-1, 2)  # (P, 2)
+    tokens = torch.tensor([float(t.num_sampled_tokens) for t in episodes], device=logps.device).view(-1, 2)
+    inputs = PairLossInputs(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1])
+    loss, metrics = algorithm.loss(inputs, global_count=total)
+    loss.backward()
+    with torch.no_grad():  # the loss of these pairs alone, as the metric
+        own, _ = algorithm.loss(dataclasses.replace(inputs, chosen_logps=logps[:, 0].detach(),
+                                                    rejected_logps=logps[:, 1].detach()))
+    # `train/dpo_loss` is the whole loss (with RPO's NLL term when nll_coef > 0; `train/nll` then).
+    return {"dpo_loss": own.item(), **{DPO_METRIC_NAMES.get(k, k).removeprefix("train/"): v
+                                       for k, v in metrics.items()}}
+
+
+def episode_logps(token_logprobs_fn, episodes: Sequence, pad_id: int, max_tokens: int | None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """(N,) log pi(episode): the sum over each episode's chunks of their sampled-token logprobs.
+
+    `token_logprobs_fn(batch) -> (B, L-1)`, on batches built on `device`; with
+    `max_tokens` the chunks go through it in length-sorted groups of at most that many
+    padded tokens, else all at once.
+    """
+    chunks = [(i, c) for i, ep in enumerate(episodes) for c in ep.chunks]
+    lengths = [len(c.input_ids) for _, c in chunks]
+    groups = _pack(lengths, [1] * len(chunks), max_tokens) if max_tokens else [list(range(len(chunks)))]
+    out = None
+    for group in groups:
+        batch = collate([chunks[j][1] for j in group], pad_id, device=device)
+        seq = sequence_logps(token_logprobs_fn(batch), batch.loss_mask)  # (B,)
+        out = torch.zeros(len(episodes), dtype=seq.dtype, device=seq.device) if out is None else out
+        out = out.index_add(0, torch.tensor([chunks[j][0] for j in group], device=seq.device), seq)
+    return out
+
+
+def pair_micro_batches(pairs: Sequence[tuple], max_tokens: int) -> list[list[int]]:
+    """Pairs grouped so that each forward (both sides, all chunks) pads to at most `max_tokens`."""
+    lengths = [max(len(c.input_ids) for t in p for c in t.chunks) for p in pairs]
+    rows = [sum(len(t.chunks) for t in p) for p in pairs]
+    return _pack(lengths, rows, max_tokens)
+
+
+def _pack(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Length-sorted groups whose padded size (rows x longest) stays under `max_tokens`;
+    an item over the budget gets a group of its own.
+
+    >>> _pack([5, 100, 6, 90], [2, 2, 2, 2], max_tokens=400)
+    [[0, 2], [3, 1]]
+    """
+    groups: list[list[int]] = []
+    used = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (used + rows[i]) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+            used += rows[i]
+        else:
+            groups.append([i])
+            used = rows[i]
+    return groups
+
+
+@torch.no_grad()
+def recompute_logprobs(model, pad_id: int, rows: Sequence[Row], temperature: float,
+                       max_tokens: int, field: str = "behaviour_logprobs") -> list[Row]:
+    """The rows with the sampled tokens' logprobs under `model` (the current weights) in `field`.
+
+    - `"behaviour_logprobs"` replaces the recorded ones: the PPO ratio then measures only
+      how far this step's updates moved the policy, not how stale the rollouts were
+      (the staleness still bounds how off-policy the samples themselves are).
+    - `"proximal_logprobs"` keeps the recorded ones beside them, for decoupled PPO.
+    """
+    out: list[Row | None] = [None] * len(rows)
+    for group in micro_batches([len(t.input_ids) for t, _ in rows], max_tokens):
+        batch = collate([rows[i][0] for i in group], pad_id, device=model_device(model))
+        logprobs = policy_logprobs(model, batch, temperature).cpu()  # (B, L-1): row t predicts token t+1
+        for row, i in enumerate(group):
+            traj, advantage = rows[i]
+            n = len(traj.input_ids)
+            values = [0.0] + logprobs[row, : n - 1].tolist()
+            fresh = [v if m else 0.0 for v, m in zip(values, traj.loss_mask)]
+            out[i] = (dataclasses.replace(traj, **{field: fresh}), advantage)
+    return out  # type: ignore[return-value]
+
+
+def model_device(model) -> torch.device:
+    """Where the policy's parameters live: every training tensor is created there."""
+    return next(model.parameters()).device
+
