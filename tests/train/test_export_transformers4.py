@@ -77,13 +77,15 @@ def _python_has_transformers4(python: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def transformers4_python(request) -> Path:
-    """An interpreter with transformers 4.57: `LOOPRL_TF4_PYTHON`, or a venv built once in pytest's cache."""
+def transformers4_python(request, tmp_path_factory) -> Path:
+    """An interpreter with transformers 4.57: `LOOPRL_TF4_PYTHON`, or a venv built once in pytest's cache
+    (in this session's tmp under `-p no:cacheprovider`)."""
     if given := os.environ.get("LOOPRL_TF4_PYTHON"):
         if not _python_has_transformers4(Path(given)):
             pytest.fail(f"LOOPRL_TF4_PYTHON={given} cannot import torch, safetensors and transformers {TRANSFORMERS4}")
         return Path(given)
-    venv = Path(request.config.cache.mkdir("venv-tf457"))
+    cache = getattr(request.config, "cache", None)
+    venv = Path(cache.mkdir("venv-tf457")) if cache is not None else tmp_path_factory.mktemp("venv-tf457")
     python = venv / "bin" / "python"
     if python.exists() and _python_has_transformers4(python):
         return python
