@@ -1,4 +1,4 @@
-"""`looprl train | eval | export | serve | envs`."""
+"""`looprl train | eval | export | serve | envs | config`."""
 
 from __future__ import annotations
 
@@ -58,10 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="an earlier report on the same tasks: print the paired change from it")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="merge LoRA and write a transformers model folder")
+    p = sub.add_parser("export", help="write a transformers model folder (LoRA merged) or a LoRA adapter")
     p.add_argument("source", help="run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="LoRA runs: write the PEFT adapter (adapter_config.json, adapter_model.safetensors) and "
+                        "the tokenizer, for PeftModel.from_pretrained(base, OUT), not merged weights")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("config", help="show a resolved recipe: config show RECIPE [key=value ...]")
+    configs = p.add_subparsers(required=True, metavar="ACTION")
+    c = configs.add_parser("show", help="print every field's value, default and help, by section")
+    c.add_argument("config", help="YAML recipe (see configs/)")
+    c.add_argument("overrides", nargs="*", help="key.path=value overrides, as `looprl train` takes them")
+    c.add_argument("--yaml", action="store_true",
+                   help="print a YAML recipe instead, each field's help a comment (it loads as it is)")
+    c.set_defaults(func=_config_show)
 
     p = sub.add_parser("serve", help="serve a model over the OpenAI chat-completions API")
     p.add_argument("model", help="looprl/tiny, HF model id or folder, run folder or checkpoint")
@@ -144,6 +156,12 @@ def _eval(args) -> int:
     from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
     from looprl.train.metrics import write_text_atomic
 
+    for flag, value in (("--episodes", args.episodes), ("--max-new-tokens", args.max_new_tokens),
+                        ("--max-tokens", args.max_tokens), ("--threads", args.threads)):
+        if value <= 0:
+            raise ValueError(f"Expect {flag} to be positive, actually: {value}")
+    if args.temperature < 0:
+        raise ValueError(f"Expect --temperature to be >= 0 (0: greedy), actually: {args.temperature}")
     env_kwargs = {**_env_kwargs(args.kwargs), "split": args.split}
     make_env(args.env, **env_kwargs).close()  # unknown id, kwargs or split: fail before loading a model
     baseline = _read_baseline(args.baseline, args.env, env_kwargs, args.episodes) if args.baseline else None
@@ -236,6 +254,10 @@ def _serve(args) -> int:
 
     if args.max_batch_size <= 0:
         raise ValueError(f"Expect --max-batch-size to be positive, actually: {args.max_batch_size}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"Expect --port to be a TCP port, 1 to 65535, actually: {args.port}")
+    if args.threads <= 0:
+        raise ValueError(f"Expect --threads to be positive, actually: {args.threads}")
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = _load_for_eval(args.model)
     name = args.served_model_name or args.model
@@ -250,8 +272,32 @@ def _serve(args) -> int:
 def _export(args) -> int:
     from looprl.train.export import export
 
-    out = export(args.source, args.out)
-    console.print(f"exported to {out}")
+    out = export(args.source, args.out, adapter_only=args.adapter_only)
+    console.print(f"exported {'the LoRA adapter' if args.adapter_only else 'the model'} to {out}")
+    return 0
+
+
+def _config_show(args) -> int:
+    from looprl.config import load_config
+    from looprl.config_show import format_value, settings, yaml_with_help
+
+    cfg = load_config(args.config, args.overrides)
+    if args.yaml:
+        header = (f"looprl config show {' '.join([args.config, *args.overrides])}\n"
+                  "(a changed field's comment ends with its default)")
+        print(yaml_with_help(cfg, header), end="")
+        return 0
+    for section in settings(cfg):
+        table = Table(title=f"{section.name}: {section.help}", title_justify="left", expand=True)
+        table.add_column("key", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        table.add_column("default", style="dim", overflow="fold")
+        table.add_column("help", ratio=1)
+        for s in section.settings:
+            value = Text(format_value(s.value), style="bold yellow" if s.changed else "")
+            table.add_row(s.name, value, Text(format_value(s.default)), Text(s.help))  # Text: no markup
+        console.print(table)
+    console.print("values in yellow differ from their defaults; --yaml prints the config as a recipe", style="dim")
     return 0
 
 

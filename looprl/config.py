@@ -32,6 +32,22 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _unique_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML would keep the last of two equal keys, silently."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {seen[key] + 1} and line {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
@@ -346,9 +362,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist")
         try:
-            data = _load_yaml(path.read_text()) or {}
+            data = _load_yaml(path.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            raise ConfigError(f"Config file {str(path)!r} is empty: a recipe names at least what it trains "
+                              "(start from configs/quickstart.yaml)")
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     for item in overrides:

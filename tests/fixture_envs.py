@@ -80,3 +80,28 @@ class FailSeeds(gymnasium.Wrapper):
 for _name, _cls in (("Counted-v0", Counted), ("NoOverlap-v0", NoOverlap), ("FailSeeds-v0", FailSeeds)):
     if f"looprl-test/{_name}" not in gymnasium.registry:
         gymnasium.register(f"looprl-test/{_name}", entry_point=_cls, disable_env_checker=True)
+
+
+class SigintOnce(gymnasium.Wrapper):
+    """Calc-v0 that, while `armed`, presses Ctrl-C (SIGINT to this process) on its first
+    reset of a held-out (split=test) task: a user interrupting the evaluation."""
+
+    armed = False
+
+    def __init__(self, **kwargs):
+        self.split = kwargs.get("split", "train")
+        super().__init__(make_env("looprl/Calc-v0", **kwargs))
+
+    def reset(self, **kwargs):
+        if SigintOnce.armed and self.split == "test":
+            import os
+            import signal
+
+            SigintOnce.armed = False
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the signal lands while the evaluation runs
+        return self.env.reset(**kwargs)
+
+
+if "looprl-test/SigintOnce-v0" not in gymnasium.registry:
+    gymnasium.register("looprl-test/SigintOnce-v0", entry_point=SigintOnce, disable_env_checker=True)

@@ -119,10 +119,13 @@ def test_invalid_yaml(tmp_path):
         load_config(path)
 
 
-def test_empty_yaml_gives_the_defaults(tmp_path):
+def test_an_empty_yaml_is_refused_not_run_on_all_defaults(tmp_path):
+    # Issue 20 changed this: an empty recipe used to run silently on every default.
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert load_config(path) == RunConfig()
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(path)
+    assert load_config(None) == RunConfig()  # no recipe at all: the defaults, as before
 
 
 def test_to_yaml_round_trip(tmp_path):

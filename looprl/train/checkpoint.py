@@ -6,8 +6,10 @@ A checkpoint is a directory ``step_{step:08d}`` holding
 - ``optimizer.pt``: the optimizer's state dict, if given (readable with
   ``torch.load(weights_only=True)``);
 - ``rng.pt``: the random number generator states (:func:`capture_rng_state`);
-- ``manifest.json``, written last: step, creation time, size and SHA-256 of every
-  file, and the caller's JSON ``extra`` (policy version, config, sampler state ...).
+- ``manifest.json``: step, creation time, size and SHA-256 of every file, and the
+  caller's JSON ``extra`` (policy version, config, sampler state ...);
+- ``manifest.sha256``, written last: the SHA-256 of ``manifest.json``, so an edited
+  manifest (a hand-changed policy version) is refused like a corrupted file.
 
 It is written under a temporary name (``.tmp-step_{step:08d}-{pid}``), fsynced, and
 renamed into place only when complete, so a crash or kill at any moment leaves a
@@ -49,10 +51,12 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -232,11 +236,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_durably(path: Path, write: Callable[[Path], None]) -> dict:
-    """Writes a file with ``write(path)``, fsyncs it, and returns its size and SHA-256."""
-    write(path)
-    with open(path, "rb") as f:
-        sha256 = _sha256(f)
-        os.fsync(f.fileno())
+    """Writes a file with ``write(path)``, fsyncs it, and returns its size and SHA-256.
+
+    Raises:
+        OSError: Naming ``path``, if writing or syncing it failed (e.g. a full disk).
+    """
+    try:
+        write(path)
+        with open(path, "rb") as f:
+            sha256 = _sha256(f)
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename or not exc.errno:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     return {"sha256": sha256, "bytes": path.stat().st_size}
 
 
@@ -258,12 +271,24 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _write_files(tmp: Path, snapshot: _Snapshot) -> dict:
-    files = {MODEL_FILE: _write_durably(
-        tmp / MODEL_FILE, lambda p: save_file(_unshared(snapshot.model), str(p), metadata={"format": "pt"}))}
+    # Written through Python file objects, so a failed write (a full disk) raises the
+    # OSError that says so, instead of a serializer's own message.
+    files = {MODEL_FILE: _write_durably(tmp / MODEL_FILE, lambda p: _write_bytes(
+        p, save_safetensors(_unshared(snapshot.model), metadata={"format": "pt"})))}
     if snapshot.optimizer is not None:
-        files[OPTIMIZER_FILE] = _write_durably(tmp / OPTIMIZER_FILE, lambda p: torch.save(snapshot.optimizer, p))
-    files[RNG_FILE] = _write_durably(tmp / RNG_FILE, lambda p: torch.save(snapshot.rng, p))
+        files[OPTIMIZER_FILE] = _write_durably(tmp / OPTIMIZER_FILE, lambda p: _torch_save(snapshot.optimizer, p))
+    files[RNG_FILE] = _write_durably(tmp / RNG_FILE, lambda p: _torch_save(snapshot.rng, p))
     return files
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _write_manifest(tmp: Path, snapshot: _Snapshot, files: dict) -> None:
@@ -274,7 +299,8 @@ def _write_manifest(tmp: Path, snapshot: _Snapshot, files: dict) -> None:
         "files": files,
         "extra": snapshot.extra,
     }
-    _write_durably(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    digest = _write_durably(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))["sha256"]
+    _write_durably(tmp / MANIFEST_HASH, lambda p: p.write_text(digest + "\n"))
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -359,9 +385,19 @@ def _read_manifest(path: Path) -> dict:
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} is not a looprl checkpoint (no {MANIFEST})")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{manifest_path} is unreadable ({exc}); expected a JSON manifest") from exc
+    hash_path = path / MANIFEST_HASH
+    try:
+        expected = hash_path.read_text().strip()
+    except OSError:
+        raise CheckpointError(f"{path} has no readable {MANIFEST_HASH} (the manifest's checksum, written last): "
+                              "incomplete, or written by a looprl older than this one") from None
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise CheckpointError(f"{manifest_path} does not match its checksum in {MANIFEST_HASH}: the manifest was "
+                              "edited or corrupted")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
         raise CheckpointError(f"{manifest_path} has format {found!r}; expected format {FORMAT}")
@@ -388,6 +424,18 @@ def _check_file(path: Path, name: str, expected: dict) -> None:
 
 
 # ------------------------------------------------------------------------ manager
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """The OS error behind a failed write when there is one (`[Errno 28] No space left on
+    device: path`), else the exception itself."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            where = f": {seen.filename}" if seen.filename else ""
+            return f"{seen.strerror or seen}{where} (errno {seen.errno})" if seen.errno else f"{seen}{where}"
+        seen = seen.__cause__ or seen.__context__
+    return repr(exc)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -496,7 +544,20 @@ class CheckpointManager:
         failure, self._failure = self._failure, None
         if failure is not None:
             step, exc = failure
-            raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {exc!r}") from exc
+            raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {_describe_failure(exc)}; "
+                                  "the checkpoints before it are intact") from exc
+
+    def poll(self) -> None:
+        """Raises now if the background save has finished and failed (call it every step,
+        so a full disk is reported at the next step, not at the next save).
+
+        Raises:
+            CheckpointError: Naming the step, the folder and the OS error.
+        """
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread.join()
+            self._thread = None
+            self._raise_failure()
 
     def wait(self) -> None:
         """Blocks until the pending save is written.

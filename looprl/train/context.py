@@ -8,6 +8,7 @@ the rollouts (`looprl.rollout.weight_sync`).
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -24,9 +25,13 @@ from looprl.rollout.collect import EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import HFEngine, InferenceEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
 from looprl.rollout.weight_sync import SharedWeights, WeightSync
+from looprl.train.checkpoint import CheckpointManager
 from looprl.train.metrics import MetricsLogger
 from looprl.train.policy import build_policy, trainable_state
 from looprl.train.progress import RunProgress
+from looprl.train.resume import check_resume
+
+log = logging.getLogger("looprl.train")
 
 
 @dataclass
@@ -47,6 +52,8 @@ class RunContext:
         stop: `stop.requested` once Ctrl-C or SIGTERM asked the run to end.
         version: the policy version: the number of weight updates published.
         step: the RL steps done.
+        results: the evaluations and stage summaries so far (`results.json`).
+        resume_from: the checkpoint a resumed run continues from.
     """
 
     cfg: RunConfig
@@ -64,6 +71,7 @@ class RunContext:
     version: int = 0
     step: int = 0
     results: dict[str, Any] = field(default_factory=dict)
+    resume_from: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -120,12 +128,15 @@ def build_engine(cfg: RunConfig, model, tokenizer, run_dir: Path) -> tuple[Infer
 
 
 def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> RunContext:
-    """What every run starts with: threads, seeds, the policy and its optimizer, the run
-    folder (claimed) with its `config.yaml`, and the engine the config names."""
+    """What every run starts with: the run folder (claimed; on `--resume`, its latest
+    checkpoint found and the config checked against it), threads, seeds, the policy and
+    its optimizer, the folder's `config.yaml` (written once the checks passed), and the
+    engine the config names."""
+    run_dir = claim_run_dir(cfg.run_dir, resume=resume, overwrite=overwrite)
+    resume_from = latest_checkpoint(run_dir, cfg) if resume else None
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tokenizer = build_policy(cfg)
-    run_dir = claim_run_dir(cfg.run_dir, resume=resume, overwrite=overwrite)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     engine, sync = build_engine(cfg, model, tokenizer, run_dir)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,7 +144,22 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> Run
                                   betas=cfg.optim.betas)
     return RunContext(cfg=cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, algorithm=build_algorithm(cfg),
                       sampler=sampler if sampler is not None else TaskSampler(cfg.seed), engine=engine, sync=sync,
-                      run_dir=run_dir, logger=None, progress=RunProgress(enabled=cfg.progress))
+                      run_dir=run_dir, logger=None, progress=RunProgress(enabled=cfg.progress),
+                      resume_from=resume_from)
+
+
+def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> Path:
+    """The checkpoint `--resume` continues from, once its config allows `cfg` (see
+    `looprl.train.resume`); the changes it applies are printed."""
+    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    old = CheckpointManager.verify(latest)["extra"].get("config")
+    if not isinstance(old, dict):
+        raise ValueError(f"--resume: checkpoint {latest} holds no run config (manifest extra.config)")
+    for change in check_resume(old, cfg):
+        log.warning("--resume applies %s", change)
+    return latest
 
 
 def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path:

@@ -31,8 +31,16 @@ from looprl.train.policy import build_policy, load_trainable_state
 def load_trained_policy(source: str | Path):
     """Rebuild `(model, tokenizer, config)` from a run folder or a checkpoint folder."""
     ckpt = CheckpointManager.load(find_checkpoint(source))
-    cfg = from_dict(ckpt.extra["config"])
+    cfg = run_config(ckpt)
     return (*_rebuild(cfg, ckpt), cfg)
+
+
+def run_config(ckpt: Checkpoint) -> RunConfig:
+    """The run config a checkpoint's manifest stores (one line naming the checkpoint if none)."""
+    if not isinstance(ckpt.extra.get("config"), dict):
+        raise ValueError(f"Checkpoint {ckpt.path} holds no run config (manifest extra.config): it was not written "
+                         "by `looprl train`, so its weights cannot be rebuilt into a policy")
+    return from_dict(ckpt.extra["config"])
 
 
 def _rebuild(cfg: RunConfig, ckpt: Checkpoint):
@@ -56,7 +64,7 @@ def export(source: str | Path, out: str | Path, adapter_only: bool = False) -> P
         raise FileExistsError(f"Export folder {str(out)!r} exists and is not empty")
     ckpt_dir = find_checkpoint(source)
     ckpt = CheckpointManager.load(ckpt_dir)
-    cfg = from_dict(ckpt.extra["config"])
+    cfg = run_config(ckpt)
     if adapter_only and not cfg.lora.enabled:
         raise ValueError(f"{source} is a full fine-tune run (lora.enabled=false): it has no adapter to export; "
                          "drop --adapter-only to export the whole model")

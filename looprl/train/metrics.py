@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +12,35 @@ from typing import Any
 class MetricsLogger:
     """Appends one JSON object per record to `run_dir/metrics.jsonl`.
 
+    Each record carries `step` and `time` (Unix seconds). `lines` counts the records in
+    the file: a checkpoint stores it, and a run resumed from that checkpoint keeps exactly
+    the records written before it, so no record is ever duplicated.
+
     Args:
         run_dir: the run folder.
         resume_step: when resuming, records of steps after this one (written after the
             checkpoint being resumed) are dropped, so the file reads as one clean run.
         wandb_run: an initialised wandb run, or None.
+        resume_lines: when resuming from a checkpoint that counted them, keep exactly
+            its first `resume_lines` records (instead of the step rule).
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, wandb_run=None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, wandb_run=None,
+                 resume_lines: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_run = wandb_run
-        if resume_step is not None and self.path.exists():
+        if resume_lines is not None and self.path.exists():
+            self._keep_first(resume_lines)
+        elif resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
+        self.lines = len(self.path.read_text().splitlines()) if self.path.exists() else 0
         self._file = self.path.open("a")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        record = {"step": step, **metrics}
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.lines += 1
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
@@ -36,6 +48,10 @@ class MetricsLogger:
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+    def _keep_first(self, n: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines() if line.strip()][:n]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def _truncate_after(self, step: int) -> None:
         kept = [line for line in self.path.read_text().splitlines()

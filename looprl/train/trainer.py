@@ -35,6 +35,7 @@ from looprl.train.metrics import MetricsLogger, init_wandb, write_text_atomic
 from looprl.train.models import merge_lora
 from looprl.train.policy import load_trainable_state, trainable_state
 from looprl.train.recipes import Interrupted, RecipeEntry, select_recipe
+from looprl.train.resume import apply_optimizer_settings
 from looprl.train.sft import expert_pool, run_sft
 from looprl.train.stop import GracefulStop
 
@@ -56,23 +57,30 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         return entry.run()(cfg, resume=resume, overwrite=overwrite)
     recipe_cls = recipe or entry.load()
     make_sampler = getattr(recipe_cls, "sampler", lambda c: TaskSampler(c.seed))
-    ctx = open_run(cfg, resume, overwrite, sampler=make_sampler(cfg))
+    ctx = open_run(cfg, resume, overwrite, sampler=make_sampler(cfg))  # checks what --resume may change
     checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
-    latest = checkpoints.latest() if resume else None
-    if resume and latest is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {ctx.run_dir / 'checkpoints'}")
-    recipe_state = _restore(latest, ctx) if latest is not None else None
-    ctx.logger = MetricsLogger(ctx.run_dir, resume_step=ctx.step if latest else None, wandb_run=init_wandb(
-        cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project, cfg.name, ctx.run_dir, cfg.model_dump(mode="json")))
+    latest = ctx.resume_from
+    recipe_state, lines = _restore(latest, ctx) if latest is not None else (None, None)
+    ctx.logger = MetricsLogger(ctx.run_dir, resume_step=ctx.step if latest else None, resume_lines=lines,
+                               wandb_run=init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project, cfg.name,
+                                                    ctx.run_dir, cfg.model_dump(mode="json")))
 
     with ctx.progress:
         if latest is None:
-            warm_start(ctx, expert_env=getattr(recipe_cls, "expert_env", env_factory)(cfg))
+            sft_warm_start(ctx, expert_env=getattr(recipe_cls, "expert_env", env_factory)(cfg))
         steps = recipe_cls(ctx, fresh=latest is None)  # after the warm start: DPO freezes its reference here
         if recipe_state is not None:
             steps.load_state_dict(recipe_state)
         if latest is None:
-            save(ctx, checkpoints, steps)
+            save(ctx, checkpoints, steps)  # the warm start is kept, whatever happens during its evaluation
+        if ctx.step == 0 and cfg.eval.before_rl and "warmstart" not in ctx.results:
+            try:
+                ctx.results["warmstart"] = evaluate_run(cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress,
+                                                        0, "warmstart", ctx.run_dir)
+            except KeyboardInterrupt:
+                checkpoints.wait()  # the step-0 checkpoint is complete: --resume evaluates it again
+                raise
+            save(ctx, checkpoints, steps)  # step 0 again, now with the warm start's evaluation
         start = time.perf_counter()
         ctx.progress.start("rl", cfg.train.steps, completed=ctx.step)
         with GracefulStop() as ctx.stop:
@@ -87,6 +95,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                     ctx.step += 1
                     ctx.logger.log(metrics, ctx.step)
                     ctx.progress.advance("rl", metrics)
+                    checkpoints.poll()  # a failed background save stops the run now, saying why
                     if ctx.step % cfg.train.save_every == 0:
                         save(ctx, checkpoints, steps)
             finally:
@@ -97,19 +106,20 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
             save(ctx, checkpoints, steps, blocking=True)
             ctx.logger.close()
             raise KeyboardInterrupt
+        before_eval = ctx.logger.lines  # resuming a finished run evaluates it again and replaces these records
         ctx.results["final"] = evaluate_run(cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress, ctx.step,
                                             "final", ctx.run_dir)
         ctx.results.pop("change", None)  # a resumed run's checkpoint may hold an earlier one
         if change := paired_changes(cfg, ctx.logger, ctx.progress, ctx.step, ctx.run_dir):
             ctx.results["change"] = change
-        save(ctx, checkpoints, steps, blocking=True)
+        save(ctx, checkpoints, steps, blocking=True, metrics_lines=before_eval)
     ctx.logger.close()
     write_text_atomic(ctx.run_dir / "results.json", json.dumps(ctx.results, indent=2))
     return ctx.results
 
 
-def warm_start(ctx: RunContext, expert_env) -> None:
-    """SFT on oracle episodes (saved to `run_dir/warmstart` if asked), then evaluate the warm-started policy."""
+def sft_warm_start(ctx: RunContext, expert_env) -> None:
+    """SFT on oracle episodes (saved to `run_dir/warmstart` if asked)."""
     cfg = ctx.cfg
     if cfg.sft.steps:
         rng = np.random.default_rng(cfg.seed)
@@ -130,9 +140,6 @@ def warm_start(ctx: RunContext, expert_env) -> None:
         ctx.publish()
         if cfg.sft.save:
             save_warm_start(ctx.model, ctx.tokenizer, ctx.run_dir / "warmstart", lora=cfg.lora.enabled)
-    if cfg.eval.before_rl:
-        ctx.results["warmstart"] = evaluate_run(cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress, 0,
-                                                "warmstart", ctx.run_dir)
 
 
 def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
@@ -143,28 +150,39 @@ def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
     save_model_folder(plain, tokenizer, out)
 
 
-def save(ctx: RunContext, checkpoints: CheckpointManager, recipe, blocking: bool = False) -> None:
+def save(ctx: RunContext, checkpoints: CheckpointManager, recipe, blocking: bool = False,
+         metrics_lines: int | None = None) -> None:
+    """Checkpoint the run; `metrics_lines`: the records a run resumed from it keeps (default: all so far)."""
     checkpoints.save(
         ctx.step, model_state=trainable_state(ctx.model), optimizer_state=ctx.optimizer.state_dict(),
         blocking=blocking,
         extra={"policy_version": ctx.version, "config": ctx.cfg.model_dump(mode="json"),
-               "sampler": ctx.sampler.state_dict(), "recipe": recipe.state_dict(), "results": ctx.results},
+               "sampler": ctx.sampler.state_dict(), "recipe": recipe.state_dict(), "results": ctx.results,
+               "metrics_lines": ctx.logger.lines if metrics_lines is None else metrics_lines},
     )
 
 
-def _restore(path: Path, ctx: RunContext) -> dict[str, Any]:
-    """Load a checkpoint into the run; returns the recipe's state."""
+def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None]:
+    """Load a checkpoint into the run; returns the recipe's state and the metrics records to keep.
+
+    The config's optimizer settings replace the checkpoint's (a resumed run may change
+    its learning rate: `looprl.train.resume`)."""
     ckpt = CheckpointManager.load(path)
     load_trainable_state(ctx.model, ckpt.model_state)
     ctx.optimizer.load_state_dict(ckpt.optimizer_state)
+    apply_optimizer_settings(ctx.optimizer, ctx.cfg)
     ctx.sampler.load_state_dict(ckpt.extra["sampler"])
     restore_rng_state(ckpt.rng_state)
     ctx.step, ctx.results = ckpt.step, ckpt.extra.get("results", {})
     ctx.version = ckpt.extra["policy_version"]
     ctx.sync.publish(trainable_state(ctx.model), ctx.version)
-    return ckpt.extra.get("recipe", {})
+    return ckpt.extra.get("recipe", {}), ckpt.extra.get("metrics_lines")
 
 
 def config_of_checkpoint(path: Path) -> RunConfig:
     """The run config stored in a checkpoint's manifest."""
-    return from_dict(CheckpointManager.verify(path)["extra"]["config"])
+    extra = CheckpointManager.verify(path)["extra"]
+    if not isinstance(extra.get("config"), dict):
+        raise ValueError(f"Checkpoint {path} holds no run config (manifest extra.config): it was not written by "
+                         "`looprl train`; load its weights with the model they belong to")
+    return from_dict(extra["config"])

@@ -65,7 +65,7 @@ def minibatch_update(
         `train/optimizer_steps` and `train/lr`.
     """
     if not items:
-        return {"train/optimizer_steps": 0}
+        return {"train/optimizer_steps": 0, "train/lr": lr}
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     steps = 0
@@ -167,7 +167,7 @@ def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
     reference does not move; TRL's `precompute_ref_log_probs`).
     """
     if not pairs:
-        return {"train/optimizer_steps": 0}
+        return {"train/optimizer_steps": 0, "train/lr": cfg.optim.lr}
     update = cfg.algorithm
     device = model_device(model)
     ref = episode_logps(lambda b: reference.logprobs(b, cfg.rollout.temperature), [t for p in pairs for t in p],

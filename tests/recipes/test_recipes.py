@@ -59,8 +59,8 @@ def final_state(run_dir):
 
 
 def rl_records(run_dir):
-    """Per-step RL metrics without wall-clock figures, which legitimately differ."""
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")}
+    """Per-step RL metrics without wall-clock figures (`perf/*` and the record's `time`), which legitimately differ."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}
             for r in read_metrics(run_dir) if "rollout/reward_mean" in r]
 
 

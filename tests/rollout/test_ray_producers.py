@@ -190,8 +190,12 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
                 time.sleep(0.005)
             seen["killed_in_flight"] = pool.in_flight[0]
             ray.kill(pool.actors[0], no_restart=False)  # a crash: Ray restarts it (producer_restarts=1)
-            while 0 in pool.ready and time.perf_counter() < deadline:
-                time.sleep(0.005)  # the pool has seen it die
+            # Until its lost groups are counted: on a loaded machine Ray can take longer to
+            # notice the death than the two remaining steps take, and a drop counted after
+            # the last step never reaches metrics.jsonl (a race in this test, not a lost count).
+            deadline = time.perf_counter() + 300
+            while self.stream.dropped.get("producer_died", 0) == 0 and time.perf_counter() < deadline:
+                time.sleep(0.005)
         seen["pool"] = pool
         return metrics
 

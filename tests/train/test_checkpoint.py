@@ -168,7 +168,7 @@ def test_writer_failure_surfaces_from_wait_and_leaves_no_checkpoint(tmp_path, mo
 
     manager = CheckpointManager(tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(ckpt, "save_file", disk_full)
+        patch.setattr(ckpt, "save_safetensors", disk_full)
         manager.save(7, model_state={"w": torch.ones(2)})
         with pytest.raises(CheckpointError, match="step 7 .*disk full"):
             manager.wait()
