@@ -3,10 +3,6 @@ which loads the weights the run publishes after every step."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 import torch
@@ -16,7 +12,7 @@ from looprl.train.models import load_model, load_tokenizer, resolve_model_path
 from looprl.train.policy import load_trainable_state
 from looprl.train.trainer import train
 from tests.recipes.test_recipes import TINY, final_state, tiny_recipe
-from tests.rollout.test_serve import free_port
+from tests.rollout.test_serve import looprl_serve
 
 MODEL = "tiny-served"
 
@@ -25,25 +21,8 @@ MODEL = "tiny-served"
 def weights_server(tmp_path):
     """`looprl serve --accept-weights` on the tiny model the recipe starts from."""
     folder = resolve_model_path("looprl/tiny", TINY)
-    port, log_path = free_port(), tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "looprl.cli", "serve", folder, "--port", str(port),
-                                 "--served-model-name", MODEL, "--accept-weights"], stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"looprl serve exited early:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"looprl serve did not start:\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield f"{root}/v1", folder
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with looprl_serve(folder, tmp_path / "serve.log", "--served-model-name", MODEL, "--accept-weights") as url:
+        yield url, folder
 
 
 def test_a_tiny_recipe_trains_against_looprl_serve_which_serves_the_published_weights(tmp_path, weights_server):

@@ -55,20 +55,16 @@ def server_log(tmp_path_factory):
     return tmp_path_factory.mktemp("serve") / "serve.log"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_path, server_log):
-    """`looprl serve` on the small tiny model, in a subprocess; yields the API root."""
+@contextmanager
+def looprl_serve(model_path: str, log_path, *flags: str, start_s: float = 120):
+    """`looprl serve MODEL --port P *flags` in a subprocess logging to `log_path`; yields its API root."""
     port = free_port()
-    log_path = server_log
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "looprl.cli", "serve", tiny_model_path, "--port", str(port),
-             "--served-model-name", MODEL, "--max-batch-size", "8"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "looprl.cli", "serve", model_path, "--port", str(port), *flags],
+                                stdout=log, stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_s
         while True:
             assert proc.poll() is None, f"looprl serve exited early:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"looprl serve did not start:\n{log_path.read_text()}"
@@ -81,6 +77,13 @@ def server(tiny_model_path, server_log):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, server_log):
+    """`looprl serve` on the small tiny model, in a subprocess; yields the API root."""
+    with looprl_serve(tiny_model_path, server_log, "--served-model-name", MODEL, "--max-batch-size", "8") as url:
+        yield url
 
 
 @pytest.fixture

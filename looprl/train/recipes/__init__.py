@@ -41,6 +41,20 @@ class Recipe(Protocol):
     def close(self) -> None: ...
 
 
+class Stateless:
+    """The `state_dict` / `load_state_dict` / `close` of a recipe that keeps nothing
+    between steps (its sampler and the policy are the run's, checkpointed by the run)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class RecipeEntry:
     """One registered recipe.

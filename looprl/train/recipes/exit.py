@@ -29,10 +29,11 @@ from looprl.rollout.exit_sampler import ExItSampler
 from looprl.rollout.revisions import attempt_history
 from looprl.train.context import env_factory
 from looprl.train.metrics import rollout_metrics, step_timings
+from looprl.train.recipes import Stateless
 from looprl.train.update import chunk_rows, update_policy
 
 
-class ExIt:
+class ExIt(Stateless):
     """The ExIt step (see the module docstring); its buffer is the run's sampler."""
 
     def __init__(self, ctx, fresh: bool):
@@ -87,15 +88,6 @@ class ExIt:
             "policy_version": ctx.version,
             **step_timings(groups, t0, t1, t2),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _success(trajectories) -> float:

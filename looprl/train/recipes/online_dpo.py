@@ -35,6 +35,7 @@ import torch
 from looprl.rollout.collect import drop_metrics
 from looprl.train.batch import policy_logprobs, reference_logprobs
 from looprl.train.metrics import rollout_metrics, step_timings
+from looprl.train.recipes import Stateless
 from looprl.train.update import update_on_pairs
 
 REFERENCE_FILE = "dpo_reference.pt"
@@ -76,7 +77,7 @@ def build_reference(cfg, model, run_dir: Path, fresh: bool) -> Reference:
     return Reference(model, frozen)
 
 
-class OnlineDPO:
+class OnlineDPO(Stateless):
     """One online DPO step: rollouts, best/worst pairs, `epochs` passes of pair minibatches.
 
     Built after the warm-start, which is what a full fine-tune's reference freezes.
@@ -107,12 +108,3 @@ class OnlineDPO:
             "policy_version": ctx.version,
             **step_timings(groups, t0, t1, t2),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

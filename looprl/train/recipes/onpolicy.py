@@ -19,10 +19,11 @@ import torch
 
 from looprl.rollout.collect import Collection, drop_metrics
 from looprl.train.metrics import rollout_metrics, step_timings
+from looprl.train.recipes import Stateless
 from looprl.train.update import Row, chunk_rows, update_policy
 
 
-class OnPolicy:
+class OnPolicy(Stateless):
     """The synchronous LOOP / GRPO step (see the module docstring)."""
 
     def __init__(self, ctx, fresh: bool):
@@ -54,12 +55,3 @@ class OnPolicy:
     def prepare(self, ctx, rows: list[Row]) -> list[Row]:
         """The rows to train on (a hook: the plain step trains on them as collected)."""
         return rows
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
