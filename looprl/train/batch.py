@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from looprl.algorithms.core import token_logprobs
+from looprl.train.logprobs import token_logprobs_chunked
 from looprl.types import Trajectory
 
 
@@ -74,11 +74,12 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequenc
 
 
 def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """Logprobs (B, L-1) of each target token under `model`, with the sampling temperature."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logprobs(logits, batch.input_ids[:, 1:])
+    """Logprobs (B, L-1) of each target token under `model`, with the sampling temperature.
+
+    Through `token_logprobs_chunked`: the LM head projects a chunk of tokens at a time,
+    so the (B, L, vocabulary) logits never exist at once, in the forward or the backward.
+    """
+    return token_logprobs_chunked(model, batch.input_ids, batch.attention_mask, batch.input_ids[:, 1:], temperature)
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
