@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from looprl.train.logprobs import token_logprobs_chunked
+from looprl.train.logprobs import default_chunk_tokens, token_logprobs_chunked, token_logprobs_full
 from looprl.types import Trajectory
 
 
@@ -78,8 +78,14 @@ def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tens
 
     Through `token_logprobs_chunked`: the LM head projects a chunk of tokens at a time,
     so the (B, L, vocabulary) logits never exist at once, in the forward or the backward.
+    A batch whose logits fit in one chunk takes the plain full-logits pass instead: one
+    chunk saves no memory, and the plain pass is the one earlier runs were measured with
+    (its gradients equal the chunked ones only to float rounding).
     """
-    return token_logprobs_chunked(model, batch.input_ids, batch.attention_mask, batch.input_ids[:, 1:], temperature)
+    targets = batch.input_ids[:, 1:]
+    if targets.numel() <= default_chunk_tokens(model):
+        return token_logprobs_full(model, batch.input_ids, batch.attention_mask, targets, temperature)
+    return token_logprobs_chunked(model, batch.input_ids, batch.attention_mask, targets, temperature)
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
