@@ -10,8 +10,8 @@ with
 - `state_dict()` / `load_state_dict(state)`: what a checkpoint must keep of it;
 - `close()`: stop whatever it started (producers, actors);
 - optionally `sampler(cfg)`, a static method: the task sampler its steps draw from
-  (default `TaskSampler`), and `expert_wrap(cfg)`: how its warm-start's expert episodes
-  are played (default: the plain environment).
+  (default `TaskSampler`), and `expert_env(cfg)`: the environment factory its warm
+  start's expert episodes are played in (default: the plain environment).
 
 A registry entry names a recipe, describes it, and says which configs select it
 (`selects(cfg)`); exactly one entry selects any valid config. An entry with `run`
