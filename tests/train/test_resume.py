@@ -4,6 +4,7 @@ and Ctrl-C during the warm start's evaluation keeps the warm start."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -93,15 +94,18 @@ def test_a_full_disk_is_reported_at_the_next_step_and_earlier_checkpoints_resume
         ckpt = CheckpointManager.load(latest)  # complete, checksums and all
         assert all(torch.isfinite(t).all() for t in ckpt.model_state.values())
         step = ckpt.step
+        del ckpt  # its tensors map the files on the small disk: unmapped, the disk unmounts
         assert step < 8
         metrics_steps = [r["step"] for r in read_metrics(cfg.run_dir) if "rollout/reward_mean" in r]
         # The save after `step` failed in the background; the step after it reported that.
         assert metrics_steps[-1] <= step + 2
+        roomy = tmp_path / "roomy"
+        shutil.copytree(cfg.run_dir, roomy / "t")  # off the small disk before it unmounts
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        gc.collect()
+        if subprocess.run(["umount", str(disk)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(disk)], check=False)  # never leave a mount behind
     # The earlier checkpoints resume, on a disk with room.
-    roomy = tmp_path / "roomy"
-    shutil.copytree(cfg.run_dir, roomy / "t")
     resumed = tiny_recipe(roomy, sft={"steps": 0}, train={"steps": step + 1, "save_every": 1, "keep_checkpoints": 50},
                           model={"tiny": {"hidden_size": 64, "intermediate_size": 128}})
     train(resumed, resume=True)
