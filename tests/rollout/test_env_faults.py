@@ -102,7 +102,7 @@ def test_an_env_that_hangs_times_out_and_its_thread_is_abandoned(tokenizer):
     elapsed = time.perf_counter() - start
     assert error.reason == "env_timeout" and "ran past 0.2 s" in error.detail
     # asyncio.run returned without waiting for the hung thread, which is a daemon.
-    assert elapsed < 5
+    assert elapsed < 30  # the hung step waits 60 s
     hung = [t for t in threading.enumerate() if t.name.startswith("looprl-env-") and t.is_alive()]
     assert hung and all(t.daemon for t in hung)
 
@@ -172,27 +172,30 @@ def test_a_bad_timeout_is_refused(tokenizer):
 
 
 def test_slow_steps_run_concurrently_and_the_loop_stays_responsive(tokenizer):
-    """8 episodes x 3 steps of 0.1 s: ~0.3 s off the loop, 2.4 s on it."""
+    """8 episodes x 3 steps of 0.1 s: the steps run on threads off the event loop, and
+    they overlap (their start/end times are compared, never a duration: the machine may be busy)."""
     engine, templater = EosEngine(tokenizer), ObservationTemplater(tokenizer)
-    ticks = []
+    spans, lock = [], threading.Lock()
 
-    async def ticker():
-        while True:
-            ticks.append(time.perf_counter())
-            await asyncio.sleep(0.01)
+    class Recorded(TextEnv):
+        def step(self, action):
+            began = time.perf_counter()
+            result = super().step(action)
+            with lock:
+                spans.append((began, time.perf_counter(), threading.get_ident()))
+            return result
 
     async def run():
-        tick = asyncio.create_task(ticker())
-        start = time.perf_counter()
-        trajs = await asyncio.gather(*[run_episode(TextEnv(delay_s=0.1), engine, tokenizer, templater, PARAMS,
+        loop_thread = threading.get_ident()
+        trajs = await asyncio.gather(*[run_episode(Recorded(delay_s=0.1), engine, tokenizer, templater, PARAMS,
                                                    seed=s) for s in range(8)])
-        tick.cancel()
-        return trajs, time.perf_counter() - start
+        return trajs, loop_thread
 
-    trajs, elapsed = asyncio.run(run())
-    assert all(t.num_turns == 3 for t in trajs)
-    assert elapsed < 1.5
-    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.09  # no step blocked the loop
+    trajs, loop_thread = asyncio.run(run())
+    assert all(t.num_turns == 3 for t in trajs) and len(spans) == 24
+    assert all(ident != loop_thread for _, _, ident in spans)  # no step ran on (and blocked) the loop
+    most_at_once = max(sum(a < end and start < b for a, b, _ in spans) for start, end, _ in spans)
+    assert most_at_once >= 4  # steps of different episodes overlapped
 
 
 # collect_groups: retries, dropped groups, and healthy runs unchanged.
