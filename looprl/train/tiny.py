@@ -10,6 +10,7 @@ and cached under `$LOOPRL_CACHE` (default `~/.cache/looprl`).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -113,15 +114,19 @@ def tiny_path(spec: TinySpec) -> Path:
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        _build(spec, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent builder's result is as good
-    except OSError:
-        if not (path / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One builder at a time (the ranks of a torchrun job all ask at once): the others
+    # wait on the lock and find the folder built.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "config.json").exists():
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            _build(spec, tmp)
+            shutil.rmtree(path, ignore_errors=True)  # a folder a killed builder left without its config
+            os.replace(tmp, path)  # atomic: a reader sees the whole folder or none
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
