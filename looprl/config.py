@@ -233,6 +233,9 @@ class TrainConfig(Section):
     max_seconds: float | None = Field(None, gt=0, description="stop RL after this long (None: run all steps)")
     save_every: int = Field(25, gt=0, description="checkpoint every N RL steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints to keep")
+    backend: Literal["auto", "single", "fsdp2"] = Field(
+        "auto", description="data parallelism: auto (fsdp2 under a launcher with more than one process, else "
+        "single), single (one process) or fsdp2 (FSDP2 sharding over torchrun/accelerate processes)")
 
 
 class EvalConfig(Section):

@@ -7,13 +7,15 @@ the rollouts (`looprl.rollout.weight_sync`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import random
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,15 +23,16 @@ import torch
 from looprl.algorithms import build_algorithm
 from looprl.config import RunConfig, to_yaml
 from looprl.envs import make_env
-from looprl.rollout.collect import EpisodePlayer, FaultPolicy
+from looprl.rollout.collect import Collection, EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import HFEngine, InferenceEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
 from looprl.rollout.weight_sync import SharedWeights, WeightSync
 from looprl.train.checkpoint import CheckpointManager
 from looprl.train.metrics import MetricsLogger
+from looprl.train.parallel import GatheredWeights, Parallel
 from looprl.train.policy import build_policy, trainable_state
 from looprl.train.progress import RunProgress
-from looprl.train.resume import check_resume
+from looprl.train.resume import apply_optimizer_settings, check_resume
 
 log = logging.getLogger("looprl.train")
 
@@ -54,6 +57,7 @@ class RunContext:
         step: the RL steps done.
         results: the evaluations and stage summaries so far (`results.json`).
         resume_from: the checkpoint a resumed run continues from.
+        parallel: this process among the run's processes (`looprl.train.parallel`).
     """
 
     cfg: RunConfig
@@ -72,6 +76,7 @@ class RunContext:
     step: int = 0
     results: dict[str, Any] = field(default_factory=dict)
     resume_from: Path | None = None
+    parallel: Parallel = field(default_factory=Parallel)
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +85,48 @@ class RunContext:
     def publish(self) -> None:
         """The optimizer changed the weights: a new policy version, sent to the samplers."""
         self.version += 1
-        self.sync.publish(trainable_state(self.model), self.version)
+        self.sync.publish(self.trained_state(), self.version)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters, whole (gathered from the shards: every rank calls it)."""
+        if not self.parallel.distributed:
+            return trainable_state(self.model)
+        return self.parallel.full_state(self.model, self.trainable_names)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state in the one-process format (gathered: every rank calls it)."""
+        return self.parallel.full_optimizer_state(self.model, self.optimizer, self.trainable_names)
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [name for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def shard(self, optimizer_state: dict[str, Any] | None = None) -> None:
+        """Shard the warm-started (or restored) policy over the ranks and build its optimizer
+        over the shards, loading `optimizer_state` (one-process format) when resuming.
+        One process: nothing to do (the optimizer was built and loaded already)."""
+        if not self.parallel.distributed:
+            return
+        self.parallel.broadcast_module(self.model)  # rank 0's weights everywhere, whatever SFT did per rank
+        self.sync.publish(self.trained_state(), self.version)
+        if optimizer_state is None:
+            self.parallel.seed_ranks(self.cfg.seed)  # fresh: ranks sample apart (resumed: their saved states)
+        self.parallel.shard(self.model)
+        self.optimizer = build_optimizer(self.cfg, self.model)
+        if optimizer_state is not None:
+            self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state, self.trainable_names)
+            apply_optimizer_settings(self.optimizer, self.cfg)
+
+    def collect(self, player: EpisodePlayer, seeds: Sequence[int], group_size: int, **kwargs) -> Collection:
+        """`player.collect`, with several ranks each playing its share of `seeds` (whole
+        groups) and every rank receiving all of them (rank order)."""
+        if not self.parallel.distributed:
+            return player.collect(seeds, group_size, **kwargs)
+        shared = {k: None if v is None else self.parallel.share(v) for k, v in kwargs.items()}
+        mine = player.collect(self.parallel.share(seeds), group_size, **shared)
+        parts = self.parallel.gather_objects((mine.groups, mine.failures, mine.dropped))
+        return Collection([g for groups, _, _ in parts for g in groups], [f for _, fs, _ in parts for f in fs],
+                          sum((d for _, _, d in parts), Counter()))
 
     def make_env(self) -> Any:
         """One training environment."""
@@ -106,13 +152,17 @@ def episode_player(cfg: RunConfig, engine: InferenceEngine, tokenizer, *, temper
                          concurrency=cfg.env.concurrency, **kwargs)
 
 
-def build_engine(cfg: RunConfig, model, tokenizer, run_dir: Path) -> tuple[InferenceEngine, WeightSync]:
-    """The engine the config names over the policy, and how weights reach it."""
+def build_engine(cfg: RunConfig, model, tokenizer, run_dir: Path,
+                 parallel: Parallel | None = None) -> tuple[InferenceEngine, WeightSync]:
+    """The engine the config names over the policy, and how weights reach it (with
+    several ranks, the `hf` engine samples from each rank's own unsharded copy)."""
     r = cfg.rollout
     if r.engine == "hf":
-        engine = HFEngine(model, tokenizer, max_batch_size=r.max_batch_size, turn_wait_s=r.turn_wait_s,
+        distributed = parallel is not None and parallel.distributed
+        sampler_model = copy.deepcopy(model).requires_grad_(False) if distributed else model
+        engine = HFEngine(sampler_model, tokenizer, max_batch_size=r.max_batch_size, turn_wait_s=r.turn_wait_s,
                           prefix_cache=r.prefix_cache)
-        return engine, SharedWeights(engine)
+        return engine, GatheredWeights(engine) if distributed else SharedWeights(engine)
     if r.engine == "openai":
         from looprl.rollout.openai_engine import OpenAIEngine
 
@@ -132,20 +182,35 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> Run
     checkpoint found and the config checked against it), threads, seeds, the policy and
     its optimizer, the folder's `config.yaml` (written once the checks passed), and the
     engine the config names."""
-    run_dir = claim_run_dir(cfg.run_dir, resume=resume, overwrite=overwrite)
+    parallel = Parallel.from_env(cfg.train.backend)
+    run_dir = Path(cfg.run_dir)
+    refused = None
+    if parallel.is_main:
+        try:
+            claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        except (OSError, ValueError) as error:
+            refused = error
+    refused = parallel.broadcast_object(refused)  # the other ranks wait until the folder is ready
+    if refused is not None:
+        raise refused
     resume_from = latest_checkpoint(run_dir, cfg) if resume else None
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tokenizer = build_policy(cfg)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    engine, sync = build_engine(cfg, model, tokenizer, run_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=cfg.optim.betas)
+    if parallel.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    engine, sync = build_engine(cfg, model, tokenizer, run_dir, parallel)
+    optimizer = build_optimizer(cfg, model)
     return RunContext(cfg=cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, algorithm=build_algorithm(cfg),
                       sampler=sampler if sampler is not None else TaskSampler(cfg.seed), engine=engine, sync=sync,
-                      run_dir=run_dir, logger=None, progress=RunProgress(enabled=cfg.progress),
-                      resume_from=resume_from)
+                      run_dir=run_dir, logger=None, progress=RunProgress(enabled=cfg.progress and parallel.is_main),
+                      resume_from=resume_from, parallel=parallel)
+
+
+def build_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
 
 
 def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> Path:

@@ -100,6 +100,7 @@ def rollout_metrics(groups: list[list[Any]], rewards: Any, kept: int | None = No
     flat = [e for g in groups for e in g]
     n = len(flat)
     metrics = {
+        "rollout/episodes": n,
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/success_rate": sum(bool(e.info.get("success")) for e in flat) / n,
         "rollout/turns_mean": sum(e.num_turns for e in flat) / n,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -56,14 +57,20 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if entry.run is not None and recipe is None:
         return entry.run()(cfg, resume=resume, overwrite=overwrite)
     recipe_cls = recipe or entry.load()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(recipe_cls, "data_parallel", False):
+        raise ValueError(f"The {entry.name} recipe does not train data-parallel yet (WORLD_SIZE > 1); "
+                         "the on-policy (LOOP, GRPO) and online DPO recipes do: launch this one as one process")
     make_sampler = getattr(recipe_cls, "sampler", lambda c: TaskSampler(c.seed))
     ctx = open_run(cfg, resume, overwrite, sampler=make_sampler(cfg))  # checks what --resume may change
     checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
     latest = ctx.resume_from
-    recipe_state, lines = _restore(latest, ctx) if latest is not None else (None, None)
-    ctx.logger = MetricsLogger(ctx.run_dir, resume_step=ctx.step if latest else None, resume_lines=lines,
-                               wandb_run=init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project, cfg.name,
-                                                    ctx.run_dir, cfg.model_dump(mode="json")))
+    recipe_state, lines, optimizer_state = _restore(latest, ctx) if latest is not None else (None, None, None)
+    if ctx.parallel.is_main:
+        ctx.logger = MetricsLogger(ctx.run_dir, resume_step=ctx.step if latest else None, resume_lines=lines,
+                                   wandb_run=init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project,
+                                                        cfg.name, ctx.run_dir, cfg.model_dump(mode="json")))
+    else:
+        ctx.logger = QuietLogger()  # rank 0 writes the run folder
 
     with ctx.progress:
         if latest is None:
@@ -71,12 +78,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         steps = recipe_cls(ctx, fresh=latest is None)  # after the warm start: DPO freezes its reference here
         if recipe_state is not None:
             steps.load_state_dict(recipe_state)
+        ctx.shard(optimizer_state)  # several ranks: FSDP2 over the warm-started policy (one process: nothing)
         if latest is None:
             save(ctx, checkpoints, steps)  # the warm start is kept, whatever happens during its evaluation
         if ctx.step == 0 and cfg.eval.before_rl and "warmstart" not in ctx.results:
             try:
-                ctx.results["warmstart"] = evaluate_run(cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress,
-                                                        0, "warmstart", ctx.run_dir)
+                ctx.results["warmstart"] = _evaluate(ctx, 0, "warmstart")
             except KeyboardInterrupt:
                 checkpoints.wait()  # the step-0 checkpoint is complete: --resume evaluates it again
                 raise
@@ -85,8 +92,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         ctx.progress.start("rl", cfg.train.steps, completed=ctx.step)
         with GracefulStop() as ctx.stop:
             try:
-                while ctx.step < cfg.train.steps and not ctx.stop.requested:
-                    if cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds:
+                while ctx.step < cfg.train.steps and not _agreed_stop(ctx):
+                    out_of_time = cfg.train.max_seconds is not None and time.perf_counter() - start >= cfg.train.max_seconds
+                    if ctx.parallel.broadcast_object(out_of_time):  # rank 0's clock decides for every rank
                         break
                     try:
                         metrics = steps.step(ctx)
@@ -101,21 +109,50 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
             finally:
                 steps.close()
         ctx.results["rl"] = {"steps": ctx.step, "seconds": time.perf_counter() - start}
-        if ctx.stop.requested:
+        if _agreed_stop(ctx):
             ctx.progress.note(f"stopped at step {ctx.step}: saving a checkpoint; continue with --resume")
             save(ctx, checkpoints, steps, blocking=True)
             ctx.logger.close()
             raise KeyboardInterrupt
         before_eval = ctx.logger.lines  # resuming a finished run evaluates it again and replaces these records
-        ctx.results["final"] = evaluate_run(cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress, ctx.step,
-                                            "final", ctx.run_dir)
+        ctx.results["final"] = _evaluate(ctx, ctx.step, "final")
         ctx.results.pop("change", None)  # a resumed run's checkpoint may hold an earlier one
-        if change := paired_changes(cfg, ctx.logger, ctx.progress, ctx.step, ctx.run_dir):
+        change = paired_changes(cfg, ctx.logger, ctx.progress, ctx.step, ctx.run_dir) if ctx.parallel.is_main else None
+        if change := ctx.parallel.broadcast_object(change):
             ctx.results["change"] = change
         save(ctx, checkpoints, steps, blocking=True, metrics_lines=before_eval)
     ctx.logger.close()
-    write_text_atomic(ctx.run_dir / "results.json", json.dumps(ctx.results, indent=2))
+    if ctx.parallel.is_main:
+        write_text_atomic(ctx.run_dir / "results.json", json.dumps(ctx.results, indent=2))
     return ctx.results
+
+
+def _evaluate(ctx: RunContext, step: int, label: str) -> dict[str, Any]:
+    """The held-out evaluation of the policy, by rank 0 (on its own sampling copy); every
+    rank returns its results."""
+    results = None
+    if ctx.parallel.is_main:
+        results = evaluate_run(ctx.cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress, step, label, ctx.run_dir)
+    return ctx.parallel.broadcast_object(results)
+
+
+def _agreed_stop(ctx: RunContext) -> bool:
+    """Ctrl-C or SIGTERM asked this run to stop (with several ranks: asked any of them)."""
+    if not ctx.parallel.distributed:
+        return ctx.stop.requested
+    return any(ctx.parallel.gather_objects(ctx.stop.requested))
+
+
+class QuietLogger:
+    """The metrics logger of the ranks that do not write the run folder."""
+
+    lines = 0
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def sft_warm_start(ctx: RunContext, expert_env) -> None:
@@ -138,7 +175,7 @@ def sft_warm_start(ctx: RunContext, expert_env) -> None:
         ctx.logger.log({f"sft/{k}": v for k, v in stats.items()}, 0)
         ctx.results["sft"] = stats
         ctx.publish()
-        if cfg.sft.save:
+        if cfg.sft.save and ctx.parallel.is_main:
             save_warm_start(ctx.model, ctx.tokenizer, ctx.run_dir / "warmstart", lora=cfg.lora.enabled)
 
 
@@ -152,31 +189,43 @@ def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
 
 def save(ctx: RunContext, checkpoints: CheckpointManager, recipe, blocking: bool = False,
          metrics_lines: int | None = None) -> None:
-    """Checkpoint the run; `metrics_lines`: the records a run resumed from it keeps (default: all so far)."""
+    """Checkpoint the run; `metrics_lines`: the records a run resumed from it keeps (default: all so far).
+
+    With several ranks every rank gathers the state and rank 0 writes it, in the
+    one-process format (any world size resumes it)."""
+    model_state, optimizer_state = ctx.trained_state(), ctx.optimizer_state()
+    rank_rng = ctx.parallel.rank_rng_states()
+    if not ctx.parallel.is_main:
+        return
     checkpoints.save(
-        ctx.step, model_state=trainable_state(ctx.model), optimizer_state=ctx.optimizer.state_dict(),
+        ctx.step, model_state=model_state, optimizer_state=optimizer_state,
         blocking=blocking,
         extra={"policy_version": ctx.version, "config": ctx.cfg.model_dump(mode="json"),
                "sampler": ctx.sampler.state_dict(), "recipe": recipe.state_dict(), "results": ctx.results,
-               "metrics_lines": ctx.logger.lines if metrics_lines is None else metrics_lines},
+               "metrics_lines": ctx.logger.lines if metrics_lines is None else metrics_lines,
+               **({"rank_rng": rank_rng} if rank_rng is not None else {})},
     )
 
 
-def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None]:
-    """Load a checkpoint into the run; returns the recipe's state and the metrics records to keep.
+def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None, dict | None]:
+    """Load a checkpoint into the run; returns the recipe's state, the metrics records to
+    keep, and, with several ranks, the optimizer state to load once the policy is sharded.
 
     The config's optimizer settings replace the checkpoint's (a resumed run may change
     its learning rate: `looprl.train.resume`)."""
     ckpt = CheckpointManager.load(path)
     load_trainable_state(ctx.model, ckpt.model_state)
-    ctx.optimizer.load_state_dict(ckpt.optimizer_state)
-    apply_optimizer_settings(ctx.optimizer, ctx.cfg)
+    later = ckpt.optimizer_state if ctx.parallel.distributed else None
+    if later is None:
+        ctx.optimizer.load_state_dict(ckpt.optimizer_state)
+        apply_optimizer_settings(ctx.optimizer, ctx.cfg)
     ctx.sampler.load_state_dict(ckpt.extra["sampler"])
     restore_rng_state(ckpt.rng_state)
+    ctx.parallel.restore_rank_rng(ckpt.extra.get("rank_rng"), ctx.cfg.seed)
     ctx.step, ctx.results = ckpt.step, ckpt.extra.get("results", {})
     ctx.version = ckpt.extra["policy_version"]
     ctx.sync.publish(trainable_state(ctx.model), ctx.version)
-    return ckpt.extra.get("recipe", {}), ckpt.extra.get("metrics_lines")
+    return ckpt.extra.get("recipe", {}), ckpt.extra.get("metrics_lines"), later
 
 
 def config_of_checkpoint(path: Path) -> RunConfig:

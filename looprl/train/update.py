@@ -21,6 +21,7 @@ from looprl.algorithms.core import PairLossInputs, PolicyLossInputs, behaviour_w
 from looprl.algorithms.dpo import sequence_logps
 from looprl.algorithms.grpo import kl_k3
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
+from looprl.train.parallel import Parallel
 from looprl.types import Episode, Trajectory
 
 Item = TypeVar("Item")
@@ -44,6 +45,8 @@ def minibatch_update(
     count: Callable[[Sequence[Item]], float],
     micro_step: Callable[[Sequence[Item], float], dict[str, float]],
     metric_prefix: str = "train/",
+    size: Callable[[Item], float] | None = None,
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
     """`epochs` passes of shuffled minibatches over `items`, one optimizer step each.
 
@@ -59,6 +62,8 @@ def minibatch_update(
         micro_step: forward and backward some items with the minibatch's count as the
             normaliser; returns their metrics (means over those items).
         metric_prefix: prefixed to `micro_step`'s metric names.
+        size: an item's weight when a minibatch is split across ranks (default: its count).
+        parallel: the run's processes (default: one); see `looprl.train.parallel`.
 
     Returns:
         The mean over optimizer steps of the minibatch metrics and `grad_norm`, with
@@ -66,25 +71,66 @@ def minibatch_update(
     """
     if not items:
         return {"train/optimizer_steps": 0, "train/lr": lr}
+    parallel = parallel or Parallel()
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(len(items), device="cpu").tolist()  # the host's generator, any default device
+        order = parallel.broadcast_object(order)  # every rank takes the same minibatches
         for i in range(0, len(order), minibatch_size):
             rows = [items[j] for j in order[i:i + minibatch_size]]
             total = max(count(rows), 1)
             optimizer.zero_grad(set_to_none=True)
-            for group in plan(rows):
+            for group in rank_micro_batches(rows, plan, size or (lambda item: count([item])), parallel):
+                if group is None:  # this rank has less work than another: a zero-weight pass
+                    micro_step(rows[:1], math.inf)
+                    continue
                 micro = [rows[g] for g in group]
                 weight = count(micro) / total
-                for key, value in micro_step(micro, total).items():
+                # FSDP averages the ranks' gradients: each normalises by its share of the count.
+                for key, value in micro_step(micro, total / parallel.world).items():
                     sums[metric_prefix + key] = sums.get(metric_prefix + key, 0.0) + value * weight
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             sums[f"{metric_prefix}grad_norm"] = sums.get(f"{metric_prefix}grad_norm", 0.0) + norm
             optimizer.step()
             steps += 1
+    sums = _sum_over_ranks(sums, parallel)
     return {**{k: v / steps for k, v in sums.items()}, "train/optimizer_steps": steps, "train/lr": lr}
+
+
+def rank_micro_batches(rows: Sequence[Item], plan: Callable[[Sequence[Item]], list[list[int]]],
+                       size: Callable[[Item], float], parallel: Parallel) -> list[list[int] | None]:
+    """This rank's micro-batches of a minibatch (indices into `rows`), None-padded to the
+    count of the rank with the most, so every rank runs as many forwards and backwards.
+
+    One process: `plan(rows)`. Several: `rows` split across ranks by `size` (the
+    heaviest first, each to the lightest rank so far), then each part planned.
+    """
+    if not parallel.distributed:
+        return plan(rows)
+    parts: list[list[int]] = [[] for _ in range(parallel.world)]
+    loads = [0.0] * parallel.world
+    for i in sorted(range(len(rows)), key=lambda i: -size(rows[i])):
+        lightest = min(range(parallel.world), key=lambda r: loads[r])
+        parts[lightest].append(i)
+        loads[lightest] += size(rows[i])
+    plans = [[[part[g] for g in group] for group in plan([rows[i] for i in part])] if part else [] for part in parts]
+    most = max(len(p) for p in plans)
+    return plans[parallel.rank] + [None] * (most - len(plans[parallel.rank]))
+
+
+def _sum_over_ranks(sums: dict[str, float], parallel: Parallel) -> dict[str, float]:
+    """Each rank's weighted metric sums added up (every rank's share of a minibatch is
+    weighted by its share of the count); the gradient norm, the same everywhere, once."""
+    if not parallel.distributed:
+        return sums
+    out: dict[str, float] = {}
+    for rank_sums in parallel.gather_objects(sums):
+        for key, value in rank_sums.items():
+            out[key] = out.get(key, 0.0) + value
+    return {k: v / parallel.world if k.endswith("grad_norm") else v for k, v in out.items()}
 
 
 def chunk_rows(groups: Sequence[Sequence[Trajectory | Episode]], advantages: torch.Tensor,
@@ -104,8 +150,10 @@ def chunk_rows(groups: Sequence[Sequence[Trajectory | Episode]], advantages: tor
             for episode, a, ok in zip(g, adv, k) if ok for chunk in episode.chunks]
 
 
-def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Row]) -> dict[str, float]:
-    """The policy-gradient update of one step's rows (LOOP, GRPO; sync, async, ExIt)."""
+def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Row],
+                  parallel: Parallel | None = None) -> dict[str, float]:
+    """The policy-gradient update of one step's rows (LOOP, GRPO; sync, async, ExIt);
+    with several ranks, every rank passes the same rows and trains on its share."""
     update = cfg.algorithm
 
     def micro_step(micro: Sequence[Row], total: float) -> dict[str, float]:
@@ -116,6 +164,7 @@ def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Ro
         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=lambda micro: policy_count(algorithm, micro),
         micro_step=micro_step,
         plan=lambda micro: micro_batches([len(t.input_ids) for t, _ in micro], update.micro_batch_tokens),
+        size=lambda row: len(row[0].input_ids), parallel=parallel,
     )
 
 
@@ -159,7 +208,7 @@ def _behaviour_weight_metrics(weights: torch.Tensor, batch, cap: float | None) -
 
 
 def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
-                    pairs: Sequence[tuple]) -> dict[str, float]:
+                    pairs: Sequence[tuple], parallel: Parallel | None = None) -> dict[str, float]:
     """The DPO update of one step's (chosen, rejected) episode pairs.
 
     `reference.logprobs(batch, temperature) -> (B, L-1)` gives the reference policy's
@@ -181,6 +230,7 @@ def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
         model, optimizer, indexed, epochs=update.epochs, minibatch_size=update.minibatch_size,
         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=len, micro_step=micro_step,
         plan=lambda idx: pair_micro_batches([pairs[j] for j in idx], update.micro_batch_tokens),
+        size=lambda j: sum(len(c.input_ids) for t in pairs[j] for c in t.chunks), parallel=parallel,
     )
 
 

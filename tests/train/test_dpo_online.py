@@ -129,9 +129,9 @@ def test_dpo_step_pairs_best_and_worst_and_skips_tied_groups(setup, monkeypatch)
     seen = []
     real = update_module.update_on_pairs
 
-    def spy(cfg, algorithm, model, pad_id, optimizer, reference, pairs):
+    def spy(cfg, algorithm, model, pad_id, optimizer, reference, pairs, **kwargs):
         seen.extend(pairs)
-        return real(cfg, algorithm, model, pad_id, optimizer, reference, pairs)
+        return real(cfg, algorithm, model, pad_id, optimizer, reference, pairs, **kwargs)
 
     monkeypatch.setattr(dpo_online, "update_on_pairs", spy)
     engine = type("Engine", (), {"version": 0})()

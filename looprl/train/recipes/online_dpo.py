@@ -59,16 +59,19 @@ class Reference:
         return policy_logprobs(self.frozen, batch, temperature)
 
 
-def build_reference(cfg, model, run_dir: Path, fresh: bool) -> Reference:
-    """The reference for a run: built now (`fresh`, after the warm-start) or reloaded on resume."""
+def build_reference(cfg, model, run_dir: Path, fresh: bool, write: bool = True) -> Reference:
+    """The reference for a run: built now (`fresh`, after the warm-start; saved if `write`)
+    or reloaded on resume."""
     if cfg.lora.enabled:
         return Reference(model)
     path = Path(run_dir) / REFERENCE_FILE
     frozen = copy.deepcopy(model).requires_grad_(False).eval()
-    if fresh:
+    if fresh and write:
         tmp = path.with_suffix(".tmp")
         torch.save(frozen.state_dict(), tmp)
         os.replace(tmp, path)
+    elif fresh:
+        pass  # another rank writes it
     elif not path.is_file():
         raise FileNotFoundError(f"--resume: the DPO reference weights {str(path)!r} are missing; "
                                 "they are written when the run starts and cannot be rebuilt")
@@ -83,20 +86,22 @@ class OnlineDPO(Stateless):
     Built after the warm-start, which is what a full fine-tune's reference freezes.
     """
 
+    data_parallel = True  # several ranks: each plays its share of the tasks, all train (looprl.train.parallel)
+
     def __init__(self, ctx, fresh: bool):
         self.player = ctx.player()
-        self.reference = build_reference(ctx.cfg, ctx.model, ctx.run_dir, fresh)
+        self.reference = build_reference(ctx.cfg, ctx.model, ctx.run_dir, fresh, write=ctx.parallel.is_main)
 
     def step(self, ctx) -> dict[str, Any]:
         cfg = ctx.cfg
         t0 = time.perf_counter()
-        collection = self.player.collect(ctx.sampler.sample(cfg.rollout.tasks_per_step), cfg.rollout.group_size)
+        collection = ctx.collect(self.player, ctx.sampler.sample(cfg.rollout.tasks_per_step), cfg.rollout.group_size)
         groups = collection.episodes
         t1 = time.perf_counter()
         rewards = torch.tensor([[t.reward for t in g] for g in groups], device="cpu")  # (G, K)
         pairs = [(groups[g][b], groups[g][w]) for g, b, w in ctx.algorithm.pairs(rewards)]
         train_metrics = update_on_pairs(cfg, ctx.algorithm, ctx.model, ctx.tokenizer.pad_token_id, ctx.optimizer,
-                                        self.reference, pairs)
+                                        self.reference, pairs, parallel=ctx.parallel)
         ctx.publish()
         t2 = time.perf_counter()
         return {

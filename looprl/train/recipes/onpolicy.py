@@ -26,6 +26,8 @@ from looprl.train.update import Row, chunk_rows, update_policy
 class OnPolicy(Stateless):
     """The synchronous LOOP / GRPO step (see the module docstring)."""
 
+    data_parallel = True  # several ranks: each plays its share of the tasks, all train (looprl.train.parallel)
+
     def __init__(self, ctx, fresh: bool):
         self.player = ctx.player()
 
@@ -37,7 +39,8 @@ class OnPolicy(Stateless):
         rewards = torch.tensor([[t.reward for t in g] for g in groups], device="cpu")  # (G, K), one return per episode
         advantages, keep = ctx.algorithm.advantages(rewards)  # (G, K), (G, K)
         rows = self.prepare(ctx, chunk_rows(groups, advantages, keep))
-        train_metrics = update_policy(ctx.cfg, ctx.algorithm, ctx.model, ctx.tokenizer, ctx.optimizer, rows)
+        train_metrics = update_policy(ctx.cfg, ctx.algorithm, ctx.model, ctx.tokenizer, ctx.optimizer, rows,
+                                      parallel=ctx.parallel)
         ctx.publish()
         t2 = time.perf_counter()
         return {
@@ -50,7 +53,7 @@ class OnPolicy(Stateless):
 
     def collect(self, ctx, seeds: Sequence[int]) -> Collection:
         """This step's groups: `group_size` episodes of each task seed."""
-        return self.player.collect(seeds, ctx.cfg.rollout.group_size)
+        return ctx.collect(self.player, seeds, ctx.cfg.rollout.group_size)
 
     def prepare(self, ctx, rows: list[Row]) -> list[Row]:
         """The rows to train on (a hook: the plain step trains on them as collected)."""

@@ -1,0 +1,100 @@
+"""Run by tests/distributed/test_data_parallel.py, as one process or under
+`torchrun --nproc_per_node 2` (gloo): the same code either way, so the two can be compared.
+
+    python dp_worker.py update {full,lora} OUT FIRST LAST [--load CKPT_DIR] [--save CKPT_DIR]
+        updates FIRST..LAST-1 on fixed rows; rank 0 saves their losses, the weights and optimizer state
+    python dp_worker.py recipe RUN_ROOT STEPS EVAL [--resume]   a whole tiny LOOP recipe
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from looprl.config import from_dict  # noqa: E402
+from looprl.train.checkpoint import CheckpointManager  # noqa: E402
+from looprl.train.context import build_optimizer  # noqa: E402
+from looprl.train.parallel import Parallel  # noqa: E402
+from looprl.train.policy import build_policy, load_trainable_state  # noqa: E402
+from looprl.train.update import update_policy  # noqa: E402
+from tests.helpers import make_context  # noqa: E402
+from tests.recipes.test_recipes import tiny_recipe  # noqa: E402
+from tests.train.test_batch import random_trajectory  # noqa: E402
+
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+
+
+def fixed_rows(step: int, vocab: int):
+    """Rows of very different lengths (the split across ranks is by tokens), fixed per step."""
+    rng = random.Random(step)
+    lengths = [rng.randint(6, 60) for _ in range(11)]
+    return [(random_trajectory(rng, vocab, n), rng.uniform(-1, 1)) for n in lengths]
+
+
+def update(mode: str, out: Path, first: int, last: int, load: Path | None, save: Path | None) -> None:
+    """Updates `first`..`last - 1` on fixed rows, from a fresh policy or the checkpoint `load`;
+    the policy checkpointed to `save` after them (as `looprl train` does: gathered, one-process format)."""
+    torch.set_num_threads(1)
+    lora = mode == "lora"
+    cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": lora, "r": 4, "alpha": 8},
+                     "algorithm": {"epochs": 2, "minibatch_size": 4, "micro_batch_tokens": 64, "loss_agg": "token-mean"},
+                     "optim": {"lr": 1e-2, "weight_decay": 0.0, "grad_clip": 1.0}})
+    torch.manual_seed(0)
+    model, tokenizer = build_policy(cfg)
+    if lora:  # an adapter that already moves the output, so LoRA's A and B both get gradients
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    ctx = make_context(cfg, model, tokenizer, build_optimizer(cfg, model), None, None)
+    ctx.parallel = Parallel.from_env()
+    optimizer_state = None
+    if load is not None:
+        ckpt = CheckpointManager.load(CheckpointManager(load).latest())
+        load_trainable_state(model, ckpt.model_state)
+        optimizer_state = ckpt.optimizer_state
+        if not ctx.parallel.distributed:
+            ctx.optimizer.load_state_dict(optimizer_state)
+    ctx.shard(optimizer_state)  # as `train` does: several ranks shard and load the optimizer state here
+    loaded = {"state": {k: v.clone() for k, v in ctx.trained_state().items()},
+              "optimizer": copy.deepcopy(ctx.optimizer_state())}  # one process: the live tensors
+    steps = []
+    for step in range(first, last):
+        torch.manual_seed(100 + step)  # the minibatch order: rank 0's, broadcast
+        metrics = update_policy(cfg, ctx.algorithm, ctx.model, tokenizer, ctx.optimizer,
+                                fixed_rows(step, len(tokenizer)), parallel=ctx.parallel)
+        steps.append({k: metrics[k] for k in ("train/pg_loss", "train/grad_norm", "train/optimizer_steps")})
+    state = {k: v.clone() for k, v in ctx.trained_state().items()}
+    optimizer_state = ctx.optimizer_state()
+    if save is not None and ctx.parallel.is_main:
+        CheckpointManager(save).save(last, model_state=state, optimizer_state=optimizer_state, extra={}, blocking=True)
+    if ctx.parallel.is_main:
+        torch.save({"metrics": steps, "state": state, "optimizer": optimizer_state, "loaded": loaded,
+                    "world": ctx.parallel.world}, out)
+
+
+def recipe(root: Path, steps: int, episodes: int, resume: bool) -> None:
+    from looprl.train.trainer import train
+
+    parallel = Parallel.from_env()
+    cfg = tiny_recipe(root, train={"steps": steps, "save_every": 2}, eval={"episodes": episodes, "greedy": False})
+    results = train(cfg, resume=resume)
+    if parallel.is_main:
+        (root / f"results_{steps}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "update":
+        opts = dict(zip(sys.argv[6::2], sys.argv[7::2]))
+        update(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+               Path(opts["--load"]) if "--load" in opts else None, Path(opts["--save"]) if "--save" in opts else None)
+    else:
+        recipe(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "--resume" in sys.argv)
