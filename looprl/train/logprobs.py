@@ -158,6 +158,10 @@ def chunked_support(model) -> str | None:
     does not know of (Cohere's `logit_scale`, Granite's `logits_scaling`, ...).
     """
     inner = _unwrap(model)
+    if _fsdp_sharded(model) or _fsdp_sharded(inner):
+        # FSDP2 gathers the embeddings and the head in the root module's forward, which
+        # calling the body and the head apart would bypass.
+        return "it is sharded with FSDP2 (the root module's forward gathers the head's weights)"
     # Prompt tuning and prefix tuning happen in peft's wrapper, which the body and head bypass.
     prompt = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     key = model if prompt else inner
@@ -177,6 +181,14 @@ def chunked_support(model) -> str | None:
     except TypeError:
         pass
     return reason
+
+
+def _fsdp_sharded(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _unwrap(model):

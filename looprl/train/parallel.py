@@ -152,9 +152,11 @@ class Parallel:
         if not layers:
             raise ValueError(f"train.backend=fsdp2: found no decoder layers in {type(model).__name__} to shard "
                              "(looked for modules named *DecoderLayer / *Block)")
-        for layer in layers:
+        for layer in reversed(layers):  # innermost first, should blocks nest
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        log.info("FSDP2: %d blocks sharded over %d ranks; the log-prob pass takes the full-logits path",
+                 len(layers), self.world)
         return model
 
     def full_state(self, model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -231,8 +233,13 @@ class Parallel:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of `model` (plain or peft-wrapped), outermost first."""
-    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))]
+    """The transformer blocks of `model` (plain or peft-wrapped): its `*DecoderLayer`
+    modules, or else its `*Block` ones (GPT-2 style)."""
+    for suffix in ("DecoderLayer", "Block"):
+        layers = [m for m in model.modules() if type(m).__name__.endswith(suffix)]
+        if layers:
+            return layers
+    return []
 
 
 class GatheredWeights:

@@ -20,6 +20,7 @@ import torch
 from looprl.algorithms.core import PairLossInputs, PolicyLossInputs, behaviour_weights, masked_mean
 from looprl.algorithms.dpo import sequence_logps
 from looprl.algorithms.grpo import kl_k3
+from looprl.train.balance import karmarkar_karp
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.parallel import Parallel
 from looprl.types import Episode, Trajectory
@@ -105,17 +106,13 @@ def rank_micro_batches(rows: Sequence[Item], plan: Callable[[Sequence[Item]], li
     """This rank's micro-batches of a minibatch (indices into `rows`), None-padded to the
     count of the rank with the most, so every rank runs as many forwards and backwards.
 
-    One process: `plan(rows)`. Several: `rows` split across ranks by `size` (the
-    heaviest first, each to the lightest rank so far), then each part planned.
+    One process: `plan(rows)`. Several: `rows` split across ranks by `size` with the
+    Karmarkar-Karp largest differencing method (verl's `seqlen_balancing`), then each
+    rank's part planned.
     """
     if not parallel.distributed:
         return plan(rows)
-    parts: list[list[int]] = [[] for _ in range(parallel.world)]
-    loads = [0.0] * parallel.world
-    for i in sorted(range(len(rows)), key=lambda i: -size(rows[i])):
-        lightest = min(range(parallel.world), key=lambda r: loads[r])
-        parts[lightest].append(i)
-        loads[lightest] += size(rows[i])
+    parts = karmarkar_karp([size(row) for row in rows], parallel.world)
     plans = [[[part[g] for g in group] for group in plan([rows[i] for i in part])] if part else [] for part in parts]
     most = max(len(p) for p in plans)
     return plans[parallel.rank] + [None] * (most - len(plans[parallel.rank]))

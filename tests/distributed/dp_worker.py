@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from looprl.config import from_dict  # noqa: E402
 from looprl.train.checkpoint import CheckpointManager  # noqa: E402
 from looprl.train.context import build_optimizer  # noqa: E402
+from looprl.train.logprobs import chunked_support  # noqa: E402
 from looprl.train.parallel import Parallel  # noqa: E402
 from looprl.train.policy import build_policy, load_trainable_state  # noqa: E402
 from looprl.train.update import update_policy  # noqa: E402
@@ -64,6 +65,8 @@ def update(mode: str, out: Path, first: int, last: int, load: Path | None, save:
         if not ctx.parallel.distributed:
             ctx.optimizer.load_state_dict(optimizer_state)
     ctx.shard(optimizer_state)  # as `train` does: several ranks shard and load the optimizer state here
+    if ctx.parallel.distributed:  # the chunked pass would bypass the root's forward, where FSDP gathers the head
+        assert "FSDP2" in (chunked_support(ctx.model) or ""), chunked_support(ctx.model)
     loaded = {"state": {k: v.clone() for k, v in ctx.trained_state().items()},
               "optimizer": copy.deepcopy(ctx.optimizer_state())}  # one process: the live tensors
     steps = []
