@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -126,8 +127,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     results = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    _print_results(results)
-    console.print(f"run folder: {cfg.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary: rank 0's
+        _print_results(results)
+        console.print(f"run folder: {cfg.run_dir}")
     return 0
 
 
