@@ -31,10 +31,11 @@ backward carries only its own shard's share, so the group's gradients SUM to the
 (a data-parallel mean over these ranks must be multiplied back by the group's size; verl's
 `gather_outputs_and_unpad(grad_scaler=True)` does that inside the gather instead).
 
-Not covered: activation checkpointing re-runs the forward during backward, and the attention reads
-its group when it runs, so call backward inside the same `sequence_parallel` block (untested); a
-KV cache (generation) is refused; the mask is a dense (B, 1, S, S) bool tensor on packed rows
-(on GPU a varlen flash-attention from the gathered position ids would avoid it).
+Activation checkpointing re-runs the forward during backward, and the attention reads its group
+when it runs: call backward inside the same `sequence_parallel` block (checked; outside it torch
+raises a CheckpointError). Not covered: a KV cache (generation) is refused; the mask on packed
+rows is a dense (B, 1, S, S) bool tensor (on GPU a varlen flash-attention from the gathered
+position ids would avoid it).
 """
 
 from __future__ import annotations

@@ -123,6 +123,10 @@ def test_degree_two_equals_the_unsplit_model(two_ranks, kv, what):
     assert two_ranks[f"{kv}/{what}"] <= ATOL
 
 
+def test_gradient_checkpointing_inside_the_block(two_ranks):
+    assert two_ranks["checkpointed/grads"] <= ATOL
+
+
 def test_mixed_degrees_accumulate_to_the_unsplit_gradient(two_ranks):
     assert two_ranks["mixed/grads"] <= ATOL
 

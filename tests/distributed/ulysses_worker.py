@@ -105,6 +105,19 @@ def check_degree_2(world, kv_heads: int) -> dict[str, float]:
             f"{tag}/loss": max_diff(loss, ref_loss), f"{tag}/grads": max_diff(grads(model), ref_grads)}
 
 
+def check_checkpointed(world) -> dict[str, float]:
+    """Gradient checkpointing re-runs the forward in backward: inside the `sequence_parallel` block
+    the gradients equal the unsplit model's (outside it, torch raises a CheckpointError)."""
+    model = build_model()
+    model.gradient_checkpointing_enable()
+    ids, positions, mask = rows(1, [[13], [6, 7]])
+    masked_loss(unsplit(model, ids, positions)[1], mask).backward()
+    ref = local_grads(model)
+    with sequence_parallel(world):
+        masked_loss(split(model, ids, positions, world)[1], mask).backward()
+    return {"checkpointed/grads": max_diff(grads(model), ref)}
+
+
 def check_mixed(world, singles) -> dict[str, float]:
     """Micro-batch 1 at degree 2 over both ranks, micro-batch 2 at degree 1 on each rank (its own
     rows, a 1-rank group), gradients accumulated: equal to one process running all three."""
@@ -161,7 +174,7 @@ def main(out: str) -> None:
     world = dist.group.WORLD
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]  # every rank creates every group
     result = {**check_all_to_all(world), **check_degree_2(world, kv_heads=2), **check_degree_2(world, kv_heads=1),
-              **check_mixed(world, singles), **check_packed(world)}
+              **check_mixed(world, singles), **check_packed(world), **check_checkpointed(world)}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, result)
     if dist.get_rank() == 0:
