@@ -22,6 +22,11 @@ setup: $(STAMP)
 	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || \
 		echo "setup: bubblewrap (bwrap) is not installed: the sandbox will run without its jail"
+	# Headless Chromium renders `looprl report`'s page in the tests (tests/test_report.py), which
+	# skip without it. Installed the same way: only where missing, only as root with apt.
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		echo "setup: chromium is not installed: the report's browser tests will be skipped"
 
 quickstart: setup
 	$(VENV)/bin/looprl train configs/quickstart.yaml

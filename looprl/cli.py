@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                         "the tokenizer, for PeftModel.from_pretrained(base, OUT), not merged weights")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("report", help="write a run's HTML report: curves, evaluation, config, trajectories")
+    p.add_argument("run", help="run folder (holds config.yaml and metrics.jsonl)")
+    p.add_argument("--out", help="output folder (default: RUN/report)")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("config", help="show a resolved recipe: config show RECIPE [key=value ...]")
     configs = p.add_subparsers(required=True, metavar="ACTION")
     c = configs.add_parser("show", help="print every field's value, default and help, by section")
@@ -276,6 +281,14 @@ def _export(args) -> int:
 
     out = export(args.source, args.out, adapter_only=args.adapter_only)
     console.print(f"exported {'the LoRA adapter' if args.adapter_only else 'the model'} to {out}")
+    return 0
+
+
+def _report(args) -> int:
+    from looprl.report import write_report
+
+    report = write_report(args.run, args.out)
+    console.print(f"report: {report.page}" + (f" ({report.png_note})" if report.png_note else ""))
     return 0
 
 

@@ -1,0 +1,54 @@
+"""The evaluation table and the episodes the trajectory viewer lists, from a run's eval records."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from looprl.report.run import RunFiles
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (95% at z = 1.96; Wilson, 1927): unlike the
+    normal approximation it stays inside [0, 1] and is not empty at 0 or n successes.
+
+    >>> [round(v, 3) for v in wilson_interval(5, 10)]
+    [0.237, 0.763]
+    >>> [round(v, 3) for v in wilson_interval(0, 20)]
+    [0.0, 0.161]
+    """
+    if n <= 0:
+        raise ValueError(f"Expect at least one episode, actually n = {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def eval_rows(run: RunFiles) -> list[dict[str, Any]]:
+    """One row per evaluation (tag, mode): success with its 95% interval, mean return, turns,
+    tokens, the truncated fraction and the episodes lost to their environment."""
+    rows = []
+    for (tag, mode), records in run.evals.items():
+        n = len(records)
+        if n == 0:
+            continue
+        wins = sum(bool(r["success"]) for r in records)
+        lo, hi = wilson_interval(wins, n)
+        rows.append({
+            "tag": tag, "mode": mode, "episodes": n, "lost": len(run.lost.get((tag, mode), [])),
+            "success": wins / n, "ci_low": lo, "ci_high": hi,
+            "mean_return": sum(r["return"] for r in records) / n,
+            "mean_turns": sum(r["turns"] for r in records) / n,
+            "mean_tokens": sum(r["tokens"] for r in records) / n,
+            "truncated": sum(bool(r["truncated"]) for r in records) / n,
+        })
+    return rows
+
+
+def episodes(run: RunFiles) -> list[dict[str, Any]]:
+    """Every evaluation episode for the viewer, each with an `id` of `<tag>/<mode>/<seed>` (the
+    page's `#episode=` fragment). A record's `messages` (the chat: role, content), when it
+    holds them, are what the viewer shows turn by turn."""
+    return [{"id": f"{tag}/{mode}/{r['seed']}", "eval": f"{tag}/{mode}", **r}
+            for (tag, mode), records in run.evals.items() for r in records]
