@@ -142,13 +142,17 @@ def forward_backward_timer(model, vocab_size: int, seed: int = 0) -> Callable[[i
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
 
     def measure(length: int) -> float:
-        ids = torch.randint(0, vocab_size, (1, length), generator=gen)
+        ids = torch.randint(0, vocab_size, (1, length), generator=gen).to(device)
         model.zero_grad(set_to_none=True)
+        sync()
         start = time.perf_counter()
         logits = model(input_ids=ids).logits  # (1, L, V)
         logits.float().logsumexp(-1).mean().backward()
+        sync()
         return time.perf_counter() - start
 
     return measure
@@ -286,7 +290,7 @@ def heuristic_plan(lengths: Sequence[int], world_size: int, memory_cap: float, m
     degrees = _check(lengths, world_size, degrees)
     times, fits = _tables(lengths, degrees, memory_cap, model)
     min_degree = fits.argmax(axis=1)  # (N,) index of each sequence's memory-minimum degree
-    order = np.argsort(-times[np.arange(len(lengths)), min_degree], kind="stable")
+    order = np.argsort(-np.asarray(lengths), kind="stable")  # longest first, as static_plan: same start, same plan
     seen: dict[tuple[int, ...], tuple[tuple[float, float], object]] = {}
 
     def evaluate(layout: tuple[int, ...]):
@@ -329,7 +333,7 @@ def static_plan(lengths: Sequence[int], world_size: int, degree: int, *, memory_
         raise ValueError(f"Expect a degree that divides world_size {world_size}, actually: {degree!r}")
     _check(lengths, world_size, (degree,))
     times, fits = _tables(lengths, (degree,), memory_cap, model)
-    order = np.argsort(-times[:, 0], kind="stable")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
     members, loads = _assign([0] * (world_size // degree), times, fits, order)
     return _plan([0] * (world_size // degree), members, loads, (degree,), f"static-{degree}")
 
@@ -389,6 +393,17 @@ def milp_plan(lengths: Sequence[int], world_size: int, memory_cap: float, model:
     loads = [sum(times[i, slots[g]] for i in members[g]) for g in used]
     return _plan([slots[g] for g in used], [members[g] for g in used], loads, degrees, "milp",
                  optimal=res.status == 0)
+
+
+def lower_bound(lengths: Sequence[int], world_size: int, memory_cap: float, model: SPCostModel,
+                degrees: Sequence[int] = DEFAULT_DEGREES) -> float:
+    """A bound no plan beats: the slowest sequence alone at its best degree, and the least
+    rank-seconds of the batch (each sequence at its cheapest `degree * time`) spread over every rank."""
+    degrees = _check(lengths, world_size, degrees)
+    times, fits = _tables(lengths, degrees, memory_cap, model)
+    alone = np.where(fits, times, np.inf).min(axis=1)  # (N,)
+    rank_seconds = np.where(fits, times * np.asarray(degrees), np.inf).min(axis=1)  # (N,)
+    return float(max(alone.max(), rank_seconds.sum() / world_size))
 
 
 PLANNERS: dict[str, Callable[..., Plan]] = {"heuristic": heuristic_plan, "milp": milp_plan}

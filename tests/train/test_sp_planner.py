@@ -13,6 +13,7 @@ from looprl.train.sp_planner import (
     calibrate,
     fit_compute,
     heuristic_plan,
+    lower_bound,
     plan,
     static_plan,
 )
@@ -114,6 +115,7 @@ def test_heuristic_within_ten_percent_of_milp(seed):
     assert exact.optimal
     assert heuristic.time >= exact.time * (1 - 1e-6)
     assert heuristic.time <= exact.time * 1.10
+    assert lower_bound(lengths, world_size, CAP, MODEL) <= exact.time * (1 + 1e-9)
 
 
 def test_fit_recovers_known_coefficients():
