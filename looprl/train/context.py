@@ -27,7 +27,7 @@ from looprl.rollout.collect import Collection, EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import HFEngine, InferenceEngine, SamplingParams
 from looprl.rollout.sampler import TaskSampler
 from looprl.rollout.weight_sync import SharedWeights, WeightSync
-from looprl.train.checkpoint import CheckpointManager
+from looprl.train.any_checkpoint import latest_checkpoint_in, verify_checkpoint
 from looprl.train.metrics import MetricsLogger
 from looprl.train.parallel import GatheredWeights, Parallel
 from looprl.train.policy import build_policy, trainable_state
@@ -58,6 +58,9 @@ class RunContext:
         results: the evaluations and stage summaries so far (`results.json`).
         resume_from: the checkpoint a resumed run continues from.
         parallel: this process among the run's processes (`looprl.train.parallel`).
+        before_optimizer_step: what the recipes' updates call right before each
+            `optimizer.step()` (`minibatch_update`'s `before_step`): with several ranks,
+            the sharded checkpoint's wait for its snapshot; one process: None.
     """
 
     cfg: RunConfig
@@ -77,6 +80,7 @@ class RunContext:
     results: dict[str, Any] = field(default_factory=dict)
     resume_from: Path | None = None
     parallel: Parallel = field(default_factory=Parallel)
+    before_optimizer_step: Callable[[], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -216,10 +220,10 @@ def build_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
 def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> Path:
     """The checkpoint `--resume` continues from, once its config allows `cfg` (see
     `looprl.train.resume`); the changes it applies are printed."""
-    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    latest = latest_checkpoint_in(run_dir / "checkpoints")  # of either format (`looprl.train.any_checkpoint`)
     if latest is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-    old = CheckpointManager.verify(latest)["extra"].get("config")
+    old = verify_checkpoint(latest)["extra"].get("config")
     if not isinstance(old, dict):
         raise ValueError(f"--resume: checkpoint {latest} holds no run config (manifest extra.config)")
     for change in check_resume(old, cfg):

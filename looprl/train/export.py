@@ -22,15 +22,17 @@ import yaml
 
 from looprl.config import RunConfig, from_dict
 from looprl.config_show import changed_settings
-from looprl.train.checkpoint import Checkpoint, CheckpointManager, find_checkpoint
+from looprl.train.any_checkpoint import find_any_checkpoint, load_trained_weights, read_checkpoint
+from looprl.train.checkpoint import Checkpoint
 from looprl.train.evaluate import describe_change
 from looprl.train.models import merge_lora, resolve_model_path
-from looprl.train.policy import build_policy, load_trainable_state
+from looprl.train.policy import build_policy
 
 
 def load_trained_policy(source: str | Path):
-    """Rebuild `(model, tokenizer, config)` from a run folder or a checkpoint folder."""
-    ckpt = CheckpointManager.load(find_checkpoint(source))
+    """Rebuild `(model, tokenizer, config)` from a run folder or a checkpoint folder (either format:
+    `looprl.train.any_checkpoint`)."""
+    ckpt = read_checkpoint(find_any_checkpoint(source))
     cfg = run_config(ckpt)
     return (*_rebuild(cfg, ckpt), cfg)
 
@@ -45,7 +47,7 @@ def run_config(ckpt: Checkpoint) -> RunConfig:
 
 def _rebuild(cfg: RunConfig, ckpt: Checkpoint):
     model, tokenizer = build_policy(cfg)
-    load_trainable_state(model, ckpt.model_state)
+    load_trained_weights(model, ckpt)
     return model, tokenizer
 
 
@@ -62,8 +64,8 @@ def export(source: str | Path, out: str | Path, adapter_only: bool = False) -> P
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"Export folder {str(out)!r} exists and is not empty")
-    ckpt_dir = find_checkpoint(source)
-    ckpt = CheckpointManager.load(ckpt_dir)
+    ckpt_dir = find_any_checkpoint(source)
+    ckpt = read_checkpoint(ckpt_dir)
     cfg = run_config(ckpt)
     if adapter_only and not cfg.lora.enabled:
         raise ValueError(f"{source} is a full fine-tune run (lora.enabled=false): it has no adapter to export; "

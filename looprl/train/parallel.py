@@ -26,10 +26,15 @@ fsdp2`, the default then):
 - **Random streams.** Every rank starts from the run's seed (the same initial weights,
   the same task seeds); a fresh run then reseeds each rank's generators apart
   (`seed_ranks`), so ranks sample different episodes. Checkpoints keep every rank's
-  random state (`rank_rng_states`): a resumed run on the same number of ranks continues
-  exactly; on another number, the ranks beyond the saved ones are reseeded.
-- **Checkpoints.** Gathered to rank 0 as full state dicts and written by it in the
-  one-process format: any world size resumes any other.
+  random state: a resumed run on the same number of ranks continues exactly; on another
+  number the saved states are not restored and the ranks are reseeded apart.
+- **Checkpoints.** Sharded (`looprl.train.sharded_checkpoint`): every rank writes its
+  shards of the model and optimizer state, and its RNG states, in the background; the
+  recipes' updates wait for the host copy before their next optimizer step
+  (`RunContext.before_optimizer_step`). `--resume` reads either format
+  (`looprl.train.any_checkpoint`), so any world size resumes any other: a sharded
+  checkpoint loads into the policy once it is sharded (in one process, into the plain
+  one), a one-process checkpoint's full state dicts are loaded over the shards.
 - **Evaluation and files.** Rank 0 evaluates, logs and writes the run folder; the
   others wait for it and receive its results.
 """
@@ -203,16 +208,9 @@ class Parallel:
         if self.distributed and self.rank > 0:
             seed_all(seed * 1_000_003 + self.rank)
 
-    def rank_rng_states(self) -> list[dict] | None:
-        """Every rank's random state, JSON-encoded, on rank 0 (a collective); one process: None."""
-        if not self.distributed:
-            return None
-        from looprl.train.checkpoint import capture_rng_state
-
-        return self.gather_objects(rng_to_json(capture_rng_state()))
-
     def restore_rank_rng(self, states: list[dict] | None, seed: int) -> None:
-        """This rank's saved random state (rank 0's was restored with the checkpoint)."""
+        """This rank's saved random state (rank 0's was restored with the checkpoint): a
+        one-process-format checkpoint of a data-parallel run holds every rank's (`rank_rng`)."""
         if not self.distributed or self.rank == 0:
             return
         if states is not None and self.rank < len(states):

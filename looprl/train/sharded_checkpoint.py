@@ -319,6 +319,26 @@ def to_full_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 # ------------------------------------------------------------------------ saving
 
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``get_state_dict(model, optimizer)``, leaving a fresh optimizer as if fresh.
+
+    On an optimizer that has not stepped, ``get_state_dict`` first creates its state with
+    a zero-gradient step at lr 0, which sets Adam's ``step`` to 1: the first real update
+    would then take the bias correction of the second. Its ``step`` is put back to 0
+    (its moments are zeros already), which Adam then treats as it does a new state.
+    """
+    fresh = not optimizer.state
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    if fresh:
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # the state exists now: taken as it is
+    return model_state, optimizer_state
+
+
 class ShardedCheckpointer:
     """Saves sharded checkpoints in the background, from every rank (see the module docstring).
 
@@ -379,7 +399,7 @@ class ShardedCheckpointer:
         self.wait()
         tmp = self._make_tmp(step)
         _write_synced(tmp / rng_file(self._rank), lambda f: torch.save(capture_rng_state(), f))
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = _state_dicts(model, optimizer)
         response = dcp.async_save(
             {"model": model_state, "optim": optimizer_state},
             storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True),

@@ -10,7 +10,9 @@ chosen by the config; this module never names one.
 
 Checkpoints hold the trainable weights, the optimizer, the sampler, the recipe's own
 state, the RNG states and the policy version, so a resumed run continues exactly where
-the checkpoint left it.
+the checkpoint left it. One process writes them with `CheckpointManager`; several ranks
+with `ShardedCheckpointer` (each rank its shards, in the background); `--resume` reads
+either (`looprl.train.any_checkpoint`), in any number of processes.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from looprl.config import RunConfig, from_dict
 from looprl.envs import make_env
 from looprl.rollout.sampler import TaskSampler
+from looprl.train import sharded_checkpoint
+from looprl.train.any_checkpoint import is_sharded, verify_checkpoint
 from looprl.train.checkpoint import CheckpointManager, restore_rng_state
 from looprl.train.context import RunContext, env_factory, open_run
 from looprl.train.evaluate import evaluate_run, paired_changes
@@ -62,9 +66,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                          "the on-policy (LOOP, GRPO) and online DPO recipes do: launch this one as one process")
     make_sampler = getattr(recipe_cls, "sampler", lambda c: TaskSampler(c.seed))
     ctx = open_run(cfg, resume, overwrite, sampler=make_sampler(cfg))  # checks what --resume may change
-    checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
+    checkpoints = _checkpointer(ctx)
     latest = ctx.resume_from
-    recipe_state, lines, optimizer_state = _restore(latest, ctx) if latest is not None else (None, None, None)
+    recipe_state, lines, optimizer_state, load_shards = (_restore(latest, ctx) if latest is not None
+                                                         else (None, None, None, None))
     if ctx.parallel.is_main:
         ctx.logger = MetricsLogger(ctx.run_dir, resume_step=ctx.step if latest else None, resume_lines=lines,
                                    wandb_run=init_wandb(cfg.wandb.enabled, cfg.wandb.mode, cfg.wandb.project,
@@ -79,6 +84,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         if recipe_state is not None:
             steps.load_state_dict(recipe_state)
         ctx.shard(optimizer_state)  # several ranks: FSDP2 over the warm-started policy (one process: nothing)
+        if load_shards is not None:
+            load_shards()  # a sharded checkpoint loads into the sharded policy and optimizer
         if latest is None:
             save(ctx, checkpoints, steps)  # the warm start is kept, whatever happens during its evaluation
         if ctx.step == 0 and cfg.eval.before_rl and "warmstart" not in ctx.results:
@@ -121,6 +128,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         if change := ctx.parallel.broadcast_object(change):
             ctx.results["change"] = change
         save(ctx, checkpoints, steps, blocking=True, metrics_lines=before_eval)
+    if ctx.parallel.distributed:
+        checkpoints.close()  # frees its staging thread and buffers
     ctx.logger.close()
     if ctx.parallel.is_main:
         write_text_atomic(ctx.run_dir / "results.json", json.dumps(ctx.results, indent=2))
@@ -187,32 +196,46 @@ def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
     save_model_folder(plain, tokenizer, out)
 
 
-def save(ctx: RunContext, checkpoints: CheckpointManager, recipe, blocking: bool = False,
-         metrics_lines: int | None = None) -> None:
+def _checkpointer(ctx: RunContext) -> CheckpointManager | sharded_checkpoint.ShardedCheckpointer:
+    """Where the run's checkpoints go. One process: `CheckpointManager`. Several ranks: a
+    `ShardedCheckpointer` on every rank, whose snapshot the recipes' updates wait for
+    before their next optimizer step (`ctx.before_optimizer_step`)."""
+    directory, keep = ctx.run_dir / "checkpoints", ctx.cfg.train.keep_checkpoints
+    if not ctx.parallel.distributed:
+        return CheckpointManager(directory, keep_last=keep)
+    checkpoints = sharded_checkpoint.ShardedCheckpointer(directory, keep_last=keep)
+    ctx.before_optimizer_step = checkpoints.wait_staged
+    return checkpoints
+
+
+def save(ctx: RunContext, checkpoints: CheckpointManager | sharded_checkpoint.ShardedCheckpointer, recipe,
+         blocking: bool = False, metrics_lines: int | None = None) -> None:
     """Checkpoint the run; `metrics_lines`: the records a run resumed from it keeps (default: all so far).
 
-    With several ranks every rank gathers the state and rank 0 writes it, in the
-    one-process format (any world size resumes it)."""
-    model_state, optimizer_state = ctx.trained_state(), ctx.optimizer_state()
-    rank_rng = ctx.parallel.rank_rng_states()
-    if not ctx.parallel.is_main:
+    With several ranks every rank saves its shards of the model and optimizer, and its
+    own RNG states, in the background (`ShardedCheckpointer`; any world size resumes it)."""
+    extra = {"policy_version": ctx.version, "config": ctx.cfg.model_dump(mode="json"),
+             "sampler": ctx.sampler.state_dict(), "recipe": recipe.state_dict(), "results": ctx.results,
+             "metrics_lines": ctx.logger.lines if metrics_lines is None else metrics_lines}
+    if ctx.parallel.distributed:
+        checkpoints.save(ctx.step, ctx.model, ctx.optimizer, extra)
+        if blocking:
+            checkpoints.wait()
         return
-    checkpoints.save(
-        ctx.step, model_state=model_state, optimizer_state=optimizer_state,
-        blocking=blocking,
-        extra={"policy_version": ctx.version, "config": ctx.cfg.model_dump(mode="json"),
-               "sampler": ctx.sampler.state_dict(), "recipe": recipe.state_dict(), "results": ctx.results,
-               "metrics_lines": ctx.logger.lines if metrics_lines is None else metrics_lines,
-               **({"rank_rng": rank_rng} if rank_rng is not None else {})},
-    )
+    checkpoints.save(ctx.step, model_state=ctx.trained_state(), optimizer_state=ctx.optimizer_state(),
+                     blocking=blocking, extra=extra)
 
 
-def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None, dict | None]:
+def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None, dict | None,
+                                                   Callable[[], None] | None]:
     """Load a checkpoint into the run; returns the recipe's state, the metrics records to
-    keep, and, with several ranks, the optimizer state to load once the policy is sharded.
+    keep, and, with several ranks, the optimizer state (one-process format) to load once
+    the policy is sharded, or what loads a sharded checkpoint once it is.
 
     The config's optimizer settings replace the checkpoint's (a resumed run may change
     its learning rate: `looprl.train.resume`)."""
+    if is_sharded(path):
+        return _restore_sharded(path, ctx)
     ckpt = CheckpointManager.load(path)
     load_trainable_state(ctx.model, ckpt.model_state)
     later = ckpt.optimizer_state if ctx.parallel.distributed else None
@@ -225,12 +248,33 @@ def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None, d
     ctx.step, ctx.results = ckpt.step, ckpt.extra.get("results", {})
     ctx.version = ckpt.extra["policy_version"]
     ctx.sync.publish(trainable_state(ctx.model), ctx.version)
-    return ckpt.extra.get("recipe", {}), ckpt.extra.get("metrics_lines"), later
+    return ckpt.extra.get("recipe", {}), ckpt.extra.get("metrics_lines"), later, None
+
+
+def _restore_sharded(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None, None,
+                                                           Callable[[], None] | None]:
+    """`_restore` of a sharded checkpoint (`looprl.train.sharded_checkpoint`): the run's
+    counters now; the weights, optimizer and RNG states at once in one process, and with
+    several ranks once the policy is sharded (the returned callable, on every rank)."""
+    manifest = sharded_checkpoint.verify(path)
+    extra = manifest["extra"]
+    ctx.sampler.load_state_dict(extra["sampler"])
+    ctx.step, ctx.results, ctx.version = manifest["step"], extra.get("results", {}), extra["policy_version"]
+
+    def load_weights() -> None:
+        sharded_checkpoint.load(path, ctx.model, ctx.optimizer)  # each rank's RNG too, when the world size is the saved one
+        apply_optimizer_settings(ctx.optimizer, ctx.cfg)
+        ctx.sync.publish(ctx.trained_state(), ctx.version)
+
+    if ctx.parallel.distributed:
+        return extra.get("recipe", {}), extra.get("metrics_lines"), None, load_weights
+    load_weights()
+    return extra.get("recipe", {}), extra.get("metrics_lines"), None, None
 
 
 def config_of_checkpoint(path: Path) -> RunConfig:
-    """The run config stored in a checkpoint's manifest."""
-    extra = CheckpointManager.verify(path)["extra"]
+    """The run config stored in a checkpoint's manifest (either format)."""
+    extra = verify_checkpoint(path)["extra"]
     if not isinstance(extra.get("config"), dict):
         raise ValueError(f"Checkpoint {path} holds no run config (manifest extra.config): it was not written by "
                          "`looprl train`; load its weights with the model they belong to")

@@ -48,6 +48,7 @@ def minibatch_update(
     metric_prefix: str = "train/",
     size: Callable[[Item], float] | None = None,
     parallel: Parallel | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """`epochs` passes of shuffled minibatches over `items`, one optimizer step each.
 
@@ -65,6 +66,8 @@ def minibatch_update(
         metric_prefix: prefixed to `micro_step`'s metric names.
         size: an item's weight when a minibatch is split across ranks (default: its count).
         parallel: the run's processes (default: one); see `looprl.train.parallel`.
+        before_step: called right before each `optimizer.step()` (a sharded checkpoint
+            waits there until its snapshot of the weights is copied: `RunContext.before_optimizer_step`).
 
     Returns:
         The mean over optimizer steps of the minibatch metrics and `grad_norm`, with
@@ -95,6 +98,8 @@ def minibatch_update(
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             sums[f"{metric_prefix}grad_norm"] = sums.get(f"{metric_prefix}grad_norm", 0.0) + norm
+            if before_step is not None:
+                before_step()
             optimizer.step()
             steps += 1
     sums = _sum_over_ranks(sums, parallel)
@@ -148,7 +153,8 @@ def chunk_rows(groups: Sequence[Sequence[Trajectory | Episode]], advantages: tor
 
 
 def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Row],
-                  parallel: Parallel | None = None) -> dict[str, float]:
+                  parallel: Parallel | None = None, *,
+                  before_step: Callable[[], None] | None = None) -> dict[str, float]:
     """The policy-gradient update of one step's rows (LOOP, GRPO; sync, async, ExIt);
     with several ranks, every rank passes the same rows and trains on its share."""
     update = cfg.algorithm
@@ -161,7 +167,7 @@ def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Ro
         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=lambda micro: policy_count(algorithm, micro),
         micro_step=micro_step,
         plan=lambda micro: micro_batches([len(t.input_ids) for t, _ in micro], update.micro_batch_tokens),
-        size=lambda row: len(row[0].input_ids), parallel=parallel,
+        size=lambda row: len(row[0].input_ids), parallel=parallel, before_step=before_step,
     )
 
 
@@ -205,7 +211,8 @@ def _behaviour_weight_metrics(weights: torch.Tensor, batch, cap: float | None) -
 
 
 def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
-                    pairs: Sequence[tuple], parallel: Parallel | None = None) -> dict[str, float]:
+                    pairs: Sequence[tuple], parallel: Parallel | None = None, *,
+                    before_step: Callable[[], None] | None = None) -> dict[str, float]:
     """The DPO update of one step's (chosen, rejected) episode pairs.
 
     `reference.logprobs(batch, temperature) -> (B, L-1)` gives the reference policy's
@@ -228,6 +235,7 @@ def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=len, micro_step=micro_step,
         plan=lambda idx: pair_micro_batches([pairs[j] for j in idx], update.micro_batch_tokens),
         size=lambda j: sum(len(c.input_ids) for t in pairs[j] for c in t.chunks), parallel=parallel,
+        before_step=before_step,
     )
 
 

@@ -2,7 +2,10 @@
 `torchrun --nproc_per_node 2` (gloo): the same code either way, so the two can be compared.
 
     python dp_worker.py update {full,lora} OUT FIRST LAST [--load CKPT_DIR] [--save CKPT_DIR]
-        updates FIRST..LAST-1 on fixed rows; rank 0 saves their losses, the weights and optimizer state
+        updates FIRST..LAST-1 on fixed rows; rank 0 saves their losses, the weights and optimizer state.
+        --save: as `looprl train` checkpoints (one process: CheckpointManager; several ranks: a
+        ShardedCheckpointer, which also saves the policy before the first update, as a fresh run's
+        step 0 is saved, and which the updates wait for); --load: the latest checkpoint of either format
     python dp_worker.py recipe RUN_ROOT STEPS EVAL [--resume]   a whole tiny LOOP recipe
 """
 
@@ -20,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from looprl.config import from_dict  # noqa: E402
+from looprl.train import sharded_checkpoint  # noqa: E402
+from looprl.train.any_checkpoint import is_sharded, latest_checkpoint_in  # noqa: E402
 from looprl.train.checkpoint import CheckpointManager  # noqa: E402
 from looprl.train.context import build_optimizer  # noqa: E402
 from looprl.train.logprobs import chunked_support  # noqa: E402
@@ -42,7 +47,7 @@ def fixed_rows(step: int, vocab: int):
 
 def update(mode: str, out: Path, first: int, last: int, load: Path | None, save: Path | None) -> None:
     """Updates `first`..`last - 1` on fixed rows, from a fresh policy or the checkpoint `load`;
-    the policy checkpointed to `save` after them (as `looprl train` does: gathered, one-process format)."""
+    the policy checkpointed to `save` after them (as `looprl train` does)."""
     torch.set_num_threads(1)
     lora = mode == "lora"
     cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": lora, "r": 4, "alpha": 8},
@@ -57,14 +62,22 @@ def update(mode: str, out: Path, first: int, last: int, load: Path | None, save:
                     p.normal_(0, 0.02)
     ctx = make_context(cfg, model, tokenizer, build_optimizer(cfg, model), None, None)
     ctx.parallel = Parallel.from_env()
-    optimizer_state = None
-    if load is not None:
-        ckpt = CheckpointManager.load(CheckpointManager(load).latest())
+    optimizer_state, shards = None, None
+    if load is not None and is_sharded(latest := latest_checkpoint_in(load)):
+        shards = latest  # loaded into the policy as it trains: sharded (several ranks) or plain
+    elif load is not None:
+        ckpt = CheckpointManager.load(latest)
         load_trainable_state(model, ckpt.model_state)
         optimizer_state = ckpt.optimizer_state
         if not ctx.parallel.distributed:
             ctx.optimizer.load_state_dict(optimizer_state)
     ctx.shard(optimizer_state)  # as `train` does: several ranks shard and load the optimizer state here
+    if shards is not None:
+        sharded_checkpoint.load(shards, ctx.model, ctx.optimizer)
+    checkpointer = None
+    if save is not None and ctx.parallel.distributed:
+        checkpointer = sharded_checkpoint.ShardedCheckpointer(save)
+        checkpointer.save(first, ctx.model, ctx.optimizer, extra={})  # a fresh optimizer: the step-0 save
     if ctx.parallel.distributed:  # the chunked pass would bypass the root's forward, where FSDP gathers the head
         assert "FSDP2" in (chunked_support(ctx.model) or ""), chunked_support(ctx.model)
     loaded = {"state": {k: v.clone() for k, v in ctx.trained_state().items()},
@@ -73,11 +86,15 @@ def update(mode: str, out: Path, first: int, last: int, load: Path | None, save:
     for step in range(first, last):
         torch.manual_seed(100 + step)  # the minibatch order: rank 0's, broadcast
         metrics = update_policy(cfg, ctx.algorithm, ctx.model, tokenizer, ctx.optimizer,
-                                fixed_rows(step, len(tokenizer)), parallel=ctx.parallel)
+                                fixed_rows(step, len(tokenizer)), parallel=ctx.parallel,
+                                before_step=checkpointer and checkpointer.wait_staged)
         steps.append({k: metrics[k] for k in ("train/pg_loss", "train/grad_norm", "train/optimizer_steps")})
     state = {k: v.clone() for k, v in ctx.trained_state().items()}
     optimizer_state = ctx.optimizer_state()
-    if save is not None and ctx.parallel.is_main:
+    if checkpointer is not None:
+        checkpointer.save(last, ctx.model, ctx.optimizer, extra={})
+        checkpointer.close()
+    elif save is not None:
         CheckpointManager(save).save(last, model_state=state, optimizer_state=optimizer_state, extra={}, blocking=True)
     if ctx.parallel.is_main:
         torch.save({"metrics": steps, "state": state, "optimizer": optimizer_state, "loaded": loaded,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,18 @@ def one_process(request, tmp_path_factory):
     return request.param, load(out)
 
 
+def final_state(run_dir: Path) -> tuple[int, dict]:
+    """The step and model state of a run's latest checkpoint, of either format."""
+    from looprl.train.any_checkpoint import latest_checkpoint_in, read_checkpoint
+
+    ckpt = read_checkpoint(latest_checkpoint_in(run_dir / "checkpoints"))
+    return ckpt.step, ckpt.model_state
+
+
 def test_fsdp2_updates_equal_one_process(one_process, tmp_path):
     mode, one = one_process
-    run("update", mode, tmp_path / "two.pt", 0, 3, ranks=2)
+    # Saved before the first update, as a fresh run's step 0 is: the sharded save must not step the optimizer.
+    run("update", mode, tmp_path / "two.pt", 0, 3, "--save", tmp_path / "ckpt", ranks=2)
     two = load(tmp_path / "two.pt")
     assert one["world"] == 1 and two["world"] == 2
     assert [m["train/optimizer_steps"] for m in two["metrics"]] == [6, 6, 6]
@@ -103,13 +113,19 @@ def test_a_checkpoint_of_2_ranks_resumes_in_1_process_and_back(one_process, tmp_
 
 def test_a_tiny_recipe_trains_under_torchrun_resumes_exactly_and_exports(tmp_path):
     from looprl.cli import main
+    from looprl.train.any_checkpoint import is_sharded
+    from looprl.train.checkpoint import CheckpointManager
     from looprl.train.metrics import read_metrics
-    from tests.recipes.test_recipes import final_state, rl_records
+    from looprl.train.models import resolve_model_path
+    from tests.recipes.test_recipes import TINY, rl_records
 
-    whole, part = tmp_path / "whole", tmp_path / "part"
+    resolve_model_path("looprl/tiny", TINY)  # built here once: two ranks building it at once have failed to load it
+    whole, part, in_one = tmp_path / "whole", tmp_path / "part", tmp_path / "in_one"
     run("recipe", whole, 4, 0, ranks=2)
     run("recipe", part, 2, 0, ranks=2)
+    shutil.copytree(part, in_one)
     run("recipe", part, 4, 6, "--resume", ranks=2)  # and then a held-out evaluation, by rank 0
+    assert all(is_sharded(p) for p in (whole / "t" / "checkpoints").iterdir() if p.name.startswith("step_"))
     step_a, state_a = final_state(whole / "t")
     step_b, state_b = final_state(part / "t")
     assert step_a == step_b == 4
@@ -127,5 +143,29 @@ def test_a_tiny_recipe_trains_under_torchrun_resumes_exactly_and_exports(tmp_pat
     from transformers import AutoModelForCausalLM
 
     exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "export").named_parameters())
-    for key, value in state_a.items():
-        torch.testing.assert_close(exported[key].detach(), value, rtol=0, atol=0, msg=key)
+    for key, value in exported.items():
+        torch.testing.assert_close(value.detach(), state_a[key], rtol=0, atol=0, msg=key)
+    # `looprl eval` and `serve` load a run's policy as export does; config_of_checkpoint reads its manifest.
+    from looprl.train.export import load_trained_policy
+    from looprl.train.trainer import config_of_checkpoint
+
+    assert config_of_checkpoint(whole / "t" / "checkpoints" / "step_00000004").train.steps == 4
+    policy, _, _ = load_trained_policy(whole / "t")
+    for key, value in policy.named_parameters():
+        torch.testing.assert_close(value.detach(), state_a[key], rtol=0, atol=0, msg=key)
+    # The 2 ranks' sharded checkpoint of step 2 resumes in one process, which trains on (and
+    # checkpoints in the one-process format).
+    step_2, state_2 = final_state(in_one / "t")
+    run("recipe", in_one, 4, 0, "--resume", ranks=1)
+    step_c, state_c = final_state(in_one / "t")
+    assert (step_2, step_c) == (2, 4) and not is_sharded(in_one / "t" / "checkpoints" / "step_00000004")
+    assert [r["step"] for r in rl_records(in_one / "t")] == [1, 2, 3, 4]
+    assert rl_records(in_one / "t")[:2] == rl_records(whole / "t")[:2]
+    records = rl_records(in_one / "t")
+    assert all(r["rollout/episodes"] == 24 for r in records[2:])
+    # The optimizer state came along: Adam counts every optimizer step of the 4, on 2 ranks and then in 1.
+    adam_steps = {s["step"].item() for s in CheckpointManager.load(in_one / "t" / "checkpoints" / "step_00000004")
+                  .optimizer_state["state"].values()}
+    assert adam_steps == {sum(r["train/optimizer_steps"] for r in records)}
+    trained_on = sum(r["train/optimizer_steps"] for r in records[2:]) > 0  # a tiny policy's groups may all fail
+    assert any(not torch.equal(state_c[k], state_2[k]) for k in exported) == trained_on

@@ -302,3 +302,25 @@ def test_kill_9_during_sharded_async_saves(tmp_path):
           f"resumed up to {newest.name if newest else None}")
     assert partial >= TRIALS // 4, f"only {partial} of {TRIALS} kills came mid-write"
     assert newest is not None and int(newest.name.removeprefix("step_")) >= TRIALS, "the trials made no progress"
+
+
+def test_saving_a_fresh_optimizer_leaves_its_first_step_a_first_step(tmp_path):
+    """`get_state_dict` creates a fresh optimizer's state with a step at lr 0 (Adam's `step`
+    becomes 1): the save puts it back, so training after a step-0 save is training without one."""
+    reference = workers.build_model()
+    reference_optimizer = workers.build_optimizer(reference)
+    model = workers.build_model()
+    optimizer = workers.build_optimizer(model)
+    checkpointer = ShardedCheckpointer(tmp_path)
+    checkpointer.save(0, model, optimizer, extra={})
+    checkpointer.wait_staged()
+    for step in (1, 2):
+        workers.train_step(reference, reference_optimizer, step)
+        workers.train_step(model, optimizer, step)
+    checkpointer.close()
+    assert_same(dict(model.state_dict()), dict(reference.state_dict()), "model")
+    assert [s["step"].item() for s in optimizer.state.values()] == [2.0] * len(reference_optimizer.state)
+    fresh = workers.build_model()
+    fresh_optimizer = workers.build_optimizer(fresh)
+    load(tmp_path / "step_00000000", fresh, fresh_optimizer)
+    assert {s["step"].item() for s in fresh_optimizer.state.values()} == {0.0}

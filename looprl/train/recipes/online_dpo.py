@@ -101,7 +101,8 @@ class OnlineDPO(Stateless):
         rewards = torch.tensor([[t.reward for t in g] for g in groups], device="cpu")  # (G, K)
         pairs = [(groups[g][b], groups[g][w]) for g, b, w in ctx.algorithm.pairs(rewards)]
         train_metrics = update_on_pairs(cfg, ctx.algorithm, ctx.model, ctx.tokenizer.pad_token_id, ctx.optimizer,
-                                        self.reference, pairs, parallel=ctx.parallel)
+                                        self.reference, pairs, parallel=ctx.parallel,
+                                        before_step=ctx.before_optimizer_step)
         ctx.publish()
         t2 = time.perf_counter()
         return {

@@ -40,7 +40,7 @@ class OnPolicy(Stateless):
         advantages, keep = ctx.algorithm.advantages(rewards)  # (G, K), (G, K)
         rows = self.prepare(ctx, chunk_rows(groups, advantages, keep))
         train_metrics = update_policy(ctx.cfg, ctx.algorithm, ctx.model, ctx.tokenizer, ctx.optimizer, rows,
-                                      parallel=ctx.parallel)
+                                      parallel=ctx.parallel, before_step=ctx.before_optimizer_step)
         ctx.publish()
         t2 = time.perf_counter()
         return {
