@@ -11,17 +11,14 @@ holds one or the other, or both when a run was resumed with another number of ra
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
 import torch
 
 from looprl.train import sharded_checkpoint
-from looprl.train.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointManager, find_checkpoint
+from looprl.train.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointManager, find_checkpoint, step_folders
 from looprl.train.policy import load_trainable_state, trainable_state
-
-_STEP_DIR = re.compile(r"step_(?P<step>\d+)")
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -49,10 +46,7 @@ def latest_checkpoint_in(directory: str | Path) -> Path | None:
 
     A newer one that fails verification is skipped with a warning naming it.
     """
-    directory = Path(directory)
-    found = sorted((int(m["step"]), p) for p in (directory.iterdir() if directory.is_dir() else [])
-                   if (m := _STEP_DIR.fullmatch(p.name)) and (p / MANIFEST).is_file())
-    for _, path in reversed(found):
+    for path in reversed(step_folders(Path(directory))):
         try:
             verify_checkpoint(path)
         except CheckpointError as exc:

@@ -225,7 +225,7 @@ def _snapshot(step: int, model_state: Any, optimizer_state: Any, extra: Any) -> 
 # ------------------------------------------------------------------------ writing
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
     fd = os.open(path, os.O_RDONLY)
@@ -303,11 +303,11 @@ def _write_manifest(tmp: Path, snapshot: _Snapshot, files: dict) -> None:
     _write_durably(tmp / MANIFEST_HASH, lambda p: p.write_text(digest + "\n"))
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path) -> None:
     """Renames the complete ``tmp`` to ``final``, moving an existing ``final`` aside first.
 
     A kill between the two renames leaves ``.old-step_*-PID``, which the next
-    manager renames back (see :func:`_clean_leftovers`), so nothing saved is lost.
+    manager renames back (see :func:`clean_leftovers`), so nothing saved is lost.
     """
     old = final.with_name(f".old-{final.name}-{os.getpid()}")
     if final.exists():
@@ -318,7 +318,7 @@ def _publish(tmp: Path, final: Path) -> None:
         if old.exists():
             os.rename(old, final)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -329,18 +329,18 @@ def _write_checkpoint(directory: Path, snapshot: _Snapshot) -> Path:
     try:
         tmp.mkdir()
         _write_manifest(tmp, snapshot, _write_files(tmp, snapshot))  # the manifest goes last
-        _fsync_dir(tmp)
-        _publish(tmp, final)
+        fsync_dir(tmp)
+        publish_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def _prune(directory: Path, keep_last: int | None) -> None:
+def prune_checkpoints(directory: Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
-    for path in _complete_checkpoints(directory)[:-keep_last]:
+    for path in step_folders(directory)[:-keep_last]:
         doomed = path.with_name(f".tmp-delete-{path.name}-{os.getpid()}")
         try:
             os.rename(path, doomed)  # atomic: a kill mid-delete leaves a leftover, not a broken step_*
@@ -357,7 +357,7 @@ def _step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _complete_checkpoints(directory: Path) -> list[Path]:
+def step_folders(directory: Path) -> list[Path]:
     """Returns the ``step_*`` directories that have a manifest, oldest step first."""
     if not directory.is_dir():
         return []
@@ -370,7 +370,7 @@ def _complete_checkpoints(directory: Path) -> list[Path]:
 
 
 def _latest_verified(directory: Path) -> Path | None:
-    for path in reversed(_complete_checkpoints(directory)):
+    for path in reversed(step_folders(directory)):
         try:
             CheckpointManager.verify(path)
         except CheckpointError as exc:
@@ -450,7 +450,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_leftovers(directory: Path) -> None:
+def clean_leftovers(directory: Path) -> None:
     """Removes what killed writers left behind; restores a checkpoint moved aside."""
     for entry in directory.iterdir():
         match = _LEFTOVER.fullmatch(entry.name)
@@ -482,7 +482,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.directory.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(self.directory)
+        clean_leftovers(self.directory)
         self._thread: threading.Thread | None = None
         self._failure: tuple[int, BaseException] | None = None
 
@@ -532,7 +532,7 @@ class CheckpointManager:
         except BaseException as exc:  # raised by the caller, or by wait() for a thread
             self._failure = (snapshot.step, exc)
             return
-        _prune(self.directory, self.keep_last)
+        prune_checkpoints(self.directory, self.keep_last)
 
     def _write_in_background(self, snapshot: _Snapshot) -> None:
         self._write(snapshot)
@@ -580,7 +580,7 @@ class CheckpointManager:
 
     def list(self) -> list[Path]:
         """Returns the complete checkpoints (with a manifest), oldest first, unverified."""
-        return _complete_checkpoints(self.directory)
+        return step_folders(self.directory)
 
     @staticmethod
     def verify(path: str | Path) -> dict:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -68,13 +67,22 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-from looprl.train.checkpoint import MANIFEST, MANIFEST_HASH, CheckpointError, capture_rng_state, restore_rng_state
+from looprl.train.checkpoint import (
+    MANIFEST,
+    MANIFEST_HASH,
+    CheckpointError,
+    capture_rng_state,
+    clean_leftovers,
+    fsync_dir,
+    prune_checkpoints,
+    publish_folder,
+    restore_rng_state,
+    step_folders,
+)
 
 FORMAT = "dcp-1"
 DCP_METADATA = ".metadata"
 
-_STEP_DIR = re.compile(r"step_(?P<step>\d+)")
-_LEFTOVER = re.compile(r"\.(?P<kind>tmp|old)-(?P<name>.+)-(?P<pid>\d+)")  # as CheckpointManager names them
 _CHUNK = 1 << 20
 
 
@@ -102,14 +110,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
     with open(path, "wb") as f:
         write(f)
@@ -129,66 +129,7 @@ def _write_manifest(tmp: Path, step: int, world: int, extra: dict) -> None:
     raw = json.dumps(manifest, indent=2).encode()
     _write_synced(tmp / MANIFEST, lambda f: f.write(raw))
     _write_synced(tmp / MANIFEST_HASH, lambda f: f.write(hashlib.sha256(raw).hexdigest().encode() + b"\n"))
-    _fsync(tmp)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Renames the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first
-    (``.old-...``, which CheckpointManager's clean-up renames back if the kill came between)."""
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _prune(directory: Path, keep_last: int | None) -> None:
-    if keep_last is None:
-        return
-    for path in _step_dirs(directory)[:-keep_last]:
-        doomed = path.with_name(f".tmp-delete-{path.name}-{os.getpid()}")
-        try:
-            os.rename(path, doomed)  # atomic: a kill mid-delete leaves a leftover, never a broken step_*
-        except OSError as exc:  # the new checkpoint is published; an old one staying is no failure
-            warnings.warn(f"could not remove old checkpoint {path} (keep_last={keep_last}): {exc}")
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_leftovers(directory: Path) -> None:
-    """Removes what killed writers left (``.tmp-*-PID`` of a dead PID), restores a moved-aside ``.old-*``."""
-    for entry in directory.iterdir():
-        match = _LEFTOVER.fullmatch(entry.name)
-        if match is None or _pid_alive(int(match["pid"])):
-            continue
-        original = directory / match["name"]
-        if match["kind"] == "old" and not original.exists():
-            os.rename(entry, original)
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------ reading
-
-
-def _step_dirs(directory: Path) -> list[Path]:
-    """The ``step_*`` directories with a manifest, oldest step first (unverified)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m["step"]), p) for p in directory.iterdir()
-             if (m := _STEP_DIR.fullmatch(p.name)) and (p / MANIFEST).is_file()]
-    return [path for _, path in sorted(found)]
+    fsync_dir(tmp)
 
 
 def verify(path: str | Path) -> dict:
@@ -234,7 +175,7 @@ def latest(directory: str | Path) -> Path | None:
 
     A newer one that fails verification is skipped with a warning naming it.
     """
-    for path in reversed(_step_dirs(Path(directory))):
+    for path in reversed(step_folders(Path(directory))):
         try:
             verify(path)
         except CheckpointError as exc:
@@ -364,7 +305,7 @@ class ShardedCheckpointer:
         self._group = dist.new_group(backend="gloo") if distributed else None
         if self._rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _clean_leftovers(self.directory)
+            clean_leftovers(self.directory)
         # Reused across saves: it keeps its host buffers, and copies into them again at
         # the next save, which is why a save first waits for the previous one.
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
@@ -433,8 +374,8 @@ class ShardedCheckpointer:
             upload.result()  # on rank 0 this returns after every rank's write (DCP gathers their results)
             if self._rank == 0:
                 _write_manifest(tmp, step, self._world, extra)
-                _publish(tmp, self.directory / f"step_{step:08d}")
-                _prune(self.directory, self.keep_last)
+                publish_folder(tmp, self.directory / f"step_{step:08d}")
+                prune_checkpoints(self.directory, self.keep_last)
         except BaseException as exc:  # raised by poll() / wait()
             self._failure = (step, tmp, exc)
             if self._rank == 0:
