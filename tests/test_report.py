@@ -77,8 +77,11 @@ def test_report_of_a_tiny_run_renders_and_opens_an_episode(tiny_run, tmp_path):
     assert dom.count("<tr><td>") == 4  # the evaluation table's rows
     opened = re.search(r'<div id="episode" class="episode" data-id="final/sampled/2">(.*?)</div>', dom, re.S)
     assert opened and "seed 2" in opened.group(1)
-    # The evaluation records hold summaries only: the viewer says so rather than showing turns.
-    assert "summary only" in opened.group(1)
+    # The evaluation records hold each episode's transcript: the viewer shows its turns.
+    episode = dom[opened.start():]
+    episode = episode[:episode.index("<script")] if "<script" in episode else episode  # the page's code quotes it
+    assert "summary only" not in episode
+    assert episode.count('class="role"') >= 3 and "assistant" in episode and "Compute" in episode
 
     shot = tmp_path / "report.png"
     chromium(page, "episode=final/sampled/2", tmp_path, screenshot=shot)

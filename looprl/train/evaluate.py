@@ -56,12 +56,12 @@ def evaluate_episodes(
     last_failure = {f.seed: f.error for f in collection.failures}
     lost = [{"seed": s, "reason": last_failure[s].reason, "detail": last_failure[s].detail}
             for s in seeds if s not in played]
-    return [episode_record(g.seed, g.episodes[0]) for g in collection.groups], lost
+    return [episode_record(g.seed, g.episodes[0], tokenizer) for g in collection.groups], lost
 
 
-def episode_record(seed: int, episode: Trajectory | Episode) -> dict[str, Any]:
-    """What a report keeps of one evaluation episode."""
-    return {
+def episode_record(seed: int, episode: Trajectory | Episode, tokenizer=None) -> dict[str, Any]:
+    """What a report keeps of one evaluation episode (with a tokenizer, its transcript too)."""
+    record = {
         "seed": seed,
         "task_id": episode.task_id,
         "success": bool(episode.info.get("success")),
@@ -70,6 +70,26 @@ def episode_record(seed: int, episode: Trajectory | Episode) -> dict[str, Any]:
         "tokens": episode.num_sampled_tokens,
         "truncated": bool(episode.truncated),
     }
+    if tokenizer is not None:
+        record["messages"] = transcript(episode, tokenizer)
+    return record
+
+
+def transcript(episode: Trajectory | Episode, tokenizer) -> list[dict[str, str]]:
+    """The episode as the policy saw and wrote it: each sampled turn (`assistant`) and the
+    context between turns (`context`: the prompt, tool results, the environment's
+    messages), decoded from its tokens, special tokens included (`looprl report` shows it)."""
+    messages = []
+    for chunk in episode.chunks:
+        ids, at = chunk.input_ids, 0
+        for start, end in chunk.turn_spans:
+            if start > at:
+                messages.append({"role": "context", "content": tokenizer.decode(ids[at:start])})
+            messages.append({"role": "assistant", "content": tokenizer.decode(ids[start:end])})
+            at = end
+        if at < len(ids):
+            messages.append({"role": "context", "content": tokenizer.decode(ids[at:])})
+    return messages
 
 
 def summarize(records: Sequence[dict[str, Any]], lost: int = 0) -> dict[str, float]:
