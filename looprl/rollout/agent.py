@@ -17,7 +17,7 @@ with an `EpisodeError` (`looprl.rollout.envcalls`), never the process.
 
 from __future__ import annotations
 
-from looprl.rollout.engine import Completion, GenerationRequest, InferenceEngine, SamplingParams
+from looprl.rollout.engine import Completion, GenerationRequest, InferenceEngine, SamplingParams, stream_seed
 from looprl.rollout.envcalls import EnvWorker, EpisodeError, check_reset, check_step
 from looprl.rollout.turns import EpisodeTurn, TurnBoard, enter_episode, exit_episode, turn_board
 from looprl.types import Episode, Trajectory
@@ -168,6 +168,7 @@ async def run_episode(
     reset_options: dict | None = None,
     step_timeout_s: float | None = None,
     worker: EnvWorker | None = None,
+    sample_seed: int | None = None,
 ) -> Trajectory | Episode:
     """Play one episode of `env` with the policy behind `engine`.
 
@@ -207,6 +208,9 @@ async def run_episode(
         worker: the thread to run the environment's calls on, with its own timeout (e.g.
             one shared by episodes whose environment is not thread-safe); None: a new
             one of the episode's own, with `step_timeout_s`, ended with the episode.
+        sample_seed: None samples from the process's torch random stream; a seed gives
+            turn t the stream `stream_seed(sample_seed, t)` of its own, so the episode's
+            tokens do not depend on the other episodes played with it (see `GenerationRequest`).
 
     Returns:
         A `Trajectory` when `context_window` is None, else an `Episode`; both have the
@@ -227,7 +231,7 @@ async def run_episode(
     try:
         return await _play(engine, tokenizer, templater, params, _EnvCalls(env, worker, board, turn),
                            seed=seed, max_tokens=max_tokens, group_id=group_id, context_window=context_window,
-                           reset_options=reset_options)
+                           reset_options=reset_options, sample_seed=sample_seed)
     finally:
         board.end(turn)
         exit_episode(token)
@@ -257,7 +261,7 @@ class _EnvCalls:
 
 async def _play(engine: InferenceEngine, tokenizer, templater: ObservationTemplater, params: SamplingParams,
                 calls: _EnvCalls, *, seed: int, max_tokens: int, group_id: int, context_window: int | None,
-                reset_options: dict | None) -> Trajectory | Episode:
+                reset_options: dict | None, sample_seed: int | None) -> Trajectory | Episode:
     _, info = await calls.reset(seed, reset_options)
     prompt_ids = chat_ids(tokenizer, info["messages"], info["tools"])
     if context_window is None:
@@ -267,13 +271,16 @@ async def _play(engine: InferenceEngine, tokenizer, templater: ObservationTempla
     task_id, version = info["task_id"], engine.version
     terminated = truncated = False
     step_info: dict = {}
+    turns = 0
     while not (terminated or truncated):
         context = builder.context()
         budget = max_tokens - len(context)
         if budget <= 0:
             truncated = True
             break
-        completion = await _sample(engine, GenerationRequest(context, _clip_params(params, budget)))
+        turn_seed = None if sample_seed is None else stream_seed(sample_seed, turns)
+        completion = await _sample(engine, GenerationRequest(context, _clip_params(params, budget), turn_seed))
+        turns += 1
         version = min(version, completion.version)
         builder.add_turn(completion)
         _, reward, terminated, truncated, step_info = await calls.step(sampled_text(tokenizer, completion))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from looprl.rollout.agent import ObservationTemplater, run_episode
-from looprl.rollout.engine import InferenceEngine, SamplingParams
+from looprl.rollout.engine import InferenceEngine, SamplingParams, stream_seed
 from looprl.rollout.envcalls import REASONS, EnvWorker, EpisodeError
 from looprl.types import Episode, Trajectory
 
@@ -168,6 +168,10 @@ class EpisodePlayer:
         observe: called with an episode's environment after the episode, before it is
             closed; its result goes to `PlayedGroup.observed` (e.g. ExIt's histories).
         on_failure: called with each lost attempt's `EpisodeFailure`.
+        sampling_seed: None samples from the process's torch random stream (training);
+            a seed gives sample k of task seed s the stream `stream_seed(sampling_seed, s, k)`
+            of its own (see `run_episode`), so its outcome depends on neither the batch
+            size nor which other seeds are played (evaluation).
     """
 
     def __init__(self, engine: InferenceEngine, tokenizer, make_env: Callable[[], Any], params: SamplingParams, *,
@@ -175,19 +179,22 @@ class EpisodePlayer:
                  concurrency: str = "thread", wrap: Callable[[Any], Any] | None = None,
                  observe: Callable[[Any], Any] | None = None,
                  on_failure: Callable[[EpisodeFailure], None] | None = None,
-                 templater: ObservationTemplater | None = None):
+                 templater: ObservationTemplater | None = None, sampling_seed: int | None = None):
         self.engine, self.tokenizer, self.make_env, self.params = engine, tokenizer, make_env, params
         self.max_tokens, self.context_window, self.faults = max_tokens, context_window, faults
         self.concurrency = EnvConcurrency(concurrency, faults.step_timeout_s)
         self.wrap, self.observe, self.on_failure = wrap, observe, on_failure
         self.templater = templater or ObservationTemplater(tokenizer)
+        self.sampling_seed = sampling_seed
 
     async def play(self, seed: int, group: int = 0, reset_options: dict | None = None,
-                   env: Any = None) -> tuple[Trajectory | Episode, Any]:
+                   env: Any = None, sample: int = 0) -> tuple[Trajectory | Episode, Any]:
         """One episode of task `seed` (tagged with `group`), replayed after env faults.
 
         Args:
             env: the first attempt's environment, if already made (later ones are new).
+            sample: which of the task's episodes this is (with `sampling_seed`, it names
+                the episode's random stream; a replay after a fault draws the same one).
 
         Returns:
             The episode and what `observe` read from its environment (None without one).
@@ -197,6 +204,7 @@ class EpisodePlayer:
             RuntimeError: the engine failed (not retried).
         """
         errors: list[EpisodeError] = []
+        sample_seed = None if self.sampling_seed is None else stream_seed(self.sampling_seed, seed, sample)
         for attempt in range(self.faults.retries + 1):
             env = self._new_env() if env is None else env
             worker, owned = self.concurrency.worker()
@@ -204,7 +212,7 @@ class EpisodePlayer:
                 episode = await run_episode(env, self.engine, self.tokenizer, self.templater, self.params, seed=seed,
                                             max_tokens=self.max_tokens, group_id=group,
                                             context_window=self.context_window, reset_options=reset_options,
-                                            worker=worker)
+                                            worker=worker, sample_seed=sample_seed)
                 return episode, self.observe(env) if self.observe is not None else None
             except EpisodeError as e:
                 if e.reason == "engine_error":
@@ -241,7 +249,7 @@ class EpisodePlayer:
             async def play() -> list:
                 first = [self._new_env() for _ in seeds for _ in range(group_size)]
                 return list(await asyncio.gather(
-                    *(self.play(seed, g, options[g], env=first[g * group_size + k])
+                    *(self.play(seed, g, options[g], env=first[g * group_size + k], sample=k)
                       for g, seed in enumerate(seeds) for k in range(group_size)),
                     return_exceptions=True))
 

@@ -15,6 +15,14 @@ engine waits, up to `turn_wait_s`, for the episodes that are away in an environm
 (see `looprl.rollout.turns`), so that with fast tools a batch holds one turn of every
 live episode and runs reproduce exactly.
 
+Seeded requests (evaluation's): a request with a `seed` samples from a stream of its own,
+one uniform per token drawn from a CPU generator seeded with it, at which the row's CDF is
+inverted (`seeded_tokens`), in both decoding paths. What it samples then depends on no other
+row, so an evaluation episode's outcome does not depend on the batch size or on the other
+episodes played with it (up to a near-tie flipped by batched float arithmetic). Unseeded
+requests (training's rollouts) draw from the process's torch stream with `torch.multinomial`,
+as they always have; the two kinds never share a batch.
+
 Prefix cache: an episode's next turn starts with everything its last turn saw and
 sampled, so the engine keeps each live episode's keys and values after its turn and
 feeds only the new tokens (the tool result and the chat template around it) next time,
@@ -32,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import inspect
 import threading
 import time
@@ -40,7 +49,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
 from looprl.rollout.turns import EpisodeTurn, current_episode, turn_board
@@ -67,8 +76,50 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One turn to sample.
+
+    Attributes:
+        prompt_ids: the context, as token ids.
+        params: how to sample it.
+        seed: None draws from the process's torch random stream (training's rollouts), so
+            a token depends on every row drawn before it; a seed gives the turn a stream of
+            its own (`seeded_tokens`), so what it samples does not depend on the batch it
+            lands in (evaluation's episodes).
+    """
+
     prompt_ids: list[int]
     params: SamplingParams
+    seed: int | None = None
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed naming one random stream, e.g. `(sampling seed, task seed, sample, turn)`:
+    the same on every machine and Python version (no `hash()`), and unrelated for nearby parts.
+
+    >>> stream_seed(1234, 0, 0) == stream_seed(1234, 0, 0) != stream_seed(1234, 0, 1)
+    True
+    """
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def turn_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """(B, steps) float64 uniforms, row i drawn from a CPU generator seeded with `seeds[i]`:
+    row i's draws are the same whatever the other rows, the batch size or the device."""
+    return torch.stack([torch.rand(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+                        for seed in seeds])
+
+
+def seeded_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of `probs` (B, V) by inverting its CDF at `uniforms` (B,).
+
+    Inverse-CDF sampling gives row i the token whose cumulative probability first exceeds
+    `uniforms[i]`: distributed as `probs[i]`, and a function of that row alone. Zero-probability
+    tokens are never chosen.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    at = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]  # scaled: the sum may miss 1 in the last bits
+    return torch.searchsorted(cdf, at, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
 
 
 @dataclass(frozen=True)
@@ -248,13 +299,13 @@ class HFEngine:
 
     def _take_batch(self, skip: set[EpisodeTurn] = frozenset()) -> list[_Pending]:
         """The oldest pending requests (by ticket) that share the first one's sampling
-        params, at most `max_batch_size`, leaving out the episodes in `skip`."""
+        params and seededness, at most `max_batch_size`, leaving out the episodes in `skip`."""
         self._pending.sort(key=lambda item: item.ticket)
         eligible = [item for item in self._pending if item.episode not in skip]
         if not eligible:
             return []
-        params = eligible[0].request.params
-        batch = [item for item in eligible if item.request.params == params][: self.max_batch_size]
+        kind = _batch_kind(eligible[0].request)
+        batch = [item for item in eligible if _batch_kind(item.request) == kind][: self.max_batch_size]
         taken = set(map(id, batch))
         self._pending = [item for item in self._pending if id(item) not in taken]
         return batch
@@ -270,6 +321,8 @@ class HFEngine:
                 prefix it may reuse and under which its context is cached for its next turn.
         """
         started = time.perf_counter()
+        if len({r.seed is None for r in requests}) > 1:
+            raise ValueError("Expect the requests of one batch to be all seeded or all unseeded, actually mixed")
         keys = list(keys) if keys is not None else [None] * len(requests)
         if self.own_decoding:
             new_ids, logprobs = self._decode(requests, keys)
@@ -287,6 +340,8 @@ class HFEngine:
         """Sampled ids and their logprobs, both (B, T), through `model.generate` (no prefix cache)."""
         params = requests[0].params
         input_ids, attention_mask = (t.to(self.device) for t in left_pad([r.prompt_ids for r in requests], self.pad_id))
+        if params.temperature > 0 and requests[0].seed is not None:
+            return self._generate_seeded(requests, input_ids, attention_mask)
         greedy = params.temperature == 0
         sampling = {} if greedy else {"temperature": params.temperature, "top_k": 0, "top_p": 1.0}
         with _neutral_generation_config(self.model):
@@ -300,6 +355,25 @@ class HFEngine:
         logprobs = torch.stack(
             [torch.log_softmax(s.float(), -1).gather(-1, new_ids[:, t, None])[:, 0]
              for t, s in enumerate(out.scores)], dim=1,
+        )  # (B, T)
+        return new_ids, logprobs
+
+    def _generate_seeded(self, requests: Sequence[GenerationRequest], input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_generate` for seeded requests: greedy decoding over scores that `_SeededChoice`
+        reduces to each row's seeded draw; logprobs from the raw logits / T."""
+        params = requests[0].params
+        choice = _SeededChoice(turn_uniforms([r.seed for r in requests], params.max_new_tokens), params.temperature)
+        with _neutral_generation_config(self.model):
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList([choice]), output_logits=True, return_dict_in_generate=True,
+            )
+        new_ids = out.sequences[:, input_ids.shape[1]:]  # (B, T)
+        logprobs = torch.stack(
+            [torch.log_softmax(s.float() / params.temperature, -1).gather(-1, new_ids[:, t, None])[:, 0]
+             for t, s in enumerate(out.logits)], dim=1,
         )  # (B, T)
         return new_ids, logprobs
 
@@ -340,6 +414,8 @@ class HFEngine:
         stop = torch.tensor(self.stop_ids, dtype=torch.long, device=self.device)
         alive = torch.ones(batch, dtype=torch.bool, device=self.device)
         position = positions[:, -1]
+        seeded = requests[0].seed is not None and params.temperature > 0
+        uniforms = turn_uniforms([r.seed for r in requests], params.max_new_tokens) if seeded else None
         sampled, logprobs = [], []
         for step in range(params.max_new_tokens):
             logits = out.logits[:, -1].float()
@@ -348,7 +424,9 @@ class HFEngine:
                 logprob = torch.log_softmax(logits, -1)
             else:
                 scores = logits / params.temperature
-                token = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
+                probs = torch.softmax(scores, -1)
+                token = (torch.multinomial(probs, 1)[:, 0] if uniforms is None
+                         else seeded_tokens(probs, uniforms[:, step]).to(probs.device))
                 logprob = torch.log_softmax(scores, -1)
             token = torch.where(alive, token, self.pad_id)
             sampled.append(token)
@@ -412,6 +490,25 @@ class HFEngine:
         self.stats["sampled_tokens"] += kept
         finished = kept > 0 and ids[kept - 1] in self.stop_ids
         return Completion(ids[:kept], logprobs[:kept], finished, self.version)
+
+
+def _batch_kind(request: GenerationRequest) -> tuple[SamplingParams, bool]:
+    """What the requests of one batch share: their sampling params, and seeded or not."""
+    return request.params, request.seed is not None
+
+
+class _SeededChoice(LogitsProcessor):
+    """Leaves each row one finite score, at its seeded draw from softmax(scores / T) (see
+    `seeded_tokens`), so greedy decoding samples exactly that; step t reads `uniforms[:, t]`."""
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float):
+        self.uniforms, self.temperature, self.step = uniforms, temperature, 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        token = seeded_tokens(torch.softmax(scores.float() / self.temperature, -1), self.uniforms[:, self.step])
+        self.step += 1
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(-1, token.to(scores.device)[:, None], 0.0)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -121,6 +121,8 @@ def to_vllm_request(request: GenerationRequest, api: SimpleNamespace,
     }
     if stop_token_ids:
         kwargs["stop_token_ids"] = list(stop_token_ids)
+    if request.seed is not None:  # vLLM's per-request generator: the draws do not depend on the batch
+        kwargs["seed"] = request.seed
     if api.RequestOutputKind is not None:
         kwargs["output_kind"] = api.RequestOutputKind.FINAL_ONLY
     return api.TokensPrompt(prompt_token_ids=list(request.prompt_ids)), api.SamplingParams(**kwargs)
