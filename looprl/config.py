@@ -236,6 +236,9 @@ class TrainConfig(Section):
     backend: Literal["auto", "single", "fsdp2"] = Field(
         "auto", description="data parallelism: auto (fsdp2 under a launcher with more than one process, else "
         "single), single (one process) or fsdp2 (FSDP2 sharding over torchrun/accelerate processes)")
+    sequence_parallel: int = Field(
+        1, ge=1, description="ranks that split each row's sequence (DeepSpeed-Ulysses attention, looprl.train.ulysses); "
+        "the processes form blocks of this many, each block one data-parallel share (1: no split)")
 
 
 class EvalConfig(Section):

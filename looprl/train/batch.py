@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from looprl.train.logprobs import default_chunk_tokens, token_logprobs_chunked, token_logprobs_full
+from looprl.train.ulysses import split_token_logprobs
 from looprl.types import Trajectory
 
 
@@ -73,15 +74,18 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequenc
     return out if device is None or torch.device(device).type == "cpu" else out.to(device)
 
 
-def policy_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+def policy_logprobs(model, batch: Batch, temperature: float = 1.0, sequence_group=None) -> torch.Tensor:
     """Logprobs (B, L-1) of each target token under `model`, with the sampling temperature.
 
     Through `token_logprobs_chunked`: the LM head projects a chunk of tokens at a time,
     so the (B, L, vocabulary) logits never exist at once, in the forward or the backward.
     A batch whose logits fit in one chunk takes the plain full-logits pass instead: one
     chunk saves no memory, and the plain pass is the one earlier runs were measured with
-    (its gradients equal the chunked ones only to float rounding).
+    (its gradients equal the chunked ones only to float rounding). With a `sequence_group` of
+    several ranks, they split each row (`ulysses.split_token_logprobs`; inside `split_sequences`).
     """
+    if sequence_group is not None:
+        return split_token_logprobs(model, batch.input_ids, sequence_group, temperature)
     targets = batch.input_ids[:, 1:]
     if targets.numel() <= default_chunk_tokens(model):
         return token_logprobs_full(model, batch.input_ids, batch.attention_mask, targets, temperature)
@@ -109,7 +113,7 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def reference_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+def reference_logprobs(model, batch: Batch, temperature: float = 1.0, sequence_group=None) -> torch.Tensor:
     """Logprobs under the reference policy: the same model with its LoRA adapter disabled,
     so the reference costs a forward pass, not a second copy of the weights."""
     from peft import PeftModel
@@ -117,4 +121,4 @@ def reference_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.T
     if not isinstance(model, PeftModel):
         raise ValueError("A KL penalty needs lora.enabled=true: the reference is the model with its adapter disabled")
     with model.disable_adapter():
-        return policy_logprobs(model, batch, temperature)
+        return policy_logprobs(model, batch, temperature, sequence_group)

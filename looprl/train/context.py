@@ -33,6 +33,7 @@ from looprl.train.parallel import GatheredWeights, Parallel
 from looprl.train.policy import build_policy, trainable_state
 from looprl.train.progress import RunProgress
 from looprl.train.resume import apply_optimizer_settings, check_resume
+from looprl.train.ulysses import check_heads
 
 log = logging.getLogger("looprl.train")
 
@@ -201,6 +202,9 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> Run
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tokenizer = build_policy(cfg)
+    if cfg.train.sequence_parallel > 1:
+        check_heads(model, cfg.train.sequence_parallel)
+        parallel.split_sequences(cfg.train.sequence_parallel)
     if parallel.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     engine, sync = build_engine(cfg, model, tokenizer, run_dir, parallel)

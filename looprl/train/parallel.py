@@ -96,6 +96,41 @@ class Parallel:
     def distributed(self) -> bool:
         return self.world > 1
 
+    # Sequence parallelism (`train.sequence_parallel`): blocks of ranks share their rows.
+
+    sequence_group: Any = None  # this rank's block (a ProcessGroup) at a degree above 1, else None
+
+    def split_sequences(self, degree: int) -> None:
+        """Cut the ranks into blocks of `degree` that split each row's sequence (Ulysses,
+        `looprl.train.ulysses`): a block takes one data-parallel share of a minibatch."""
+        if degree == 1:
+            return
+        if not self.distributed:
+            raise ValueError(f"train.sequence_parallel={degree} needs as many processes (a launcher such as "
+                             "torchrun), but this run has one")
+        from looprl.train.ulysses import sequence_groups
+
+        self.sequence_group = sequence_groups(degree)
+
+    @property
+    def sequence_degree(self) -> int:
+        """Ranks a row's sequence is split over (1: not split)."""
+        if self.sequence_group is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.sequence_group)
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel shares of a minibatch: one per block of `sequence_degree` ranks."""
+        return self.world // self.sequence_degree
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's share (its block's index)."""
+        return self.rank // self.sequence_degree
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

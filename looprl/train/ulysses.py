@@ -52,6 +52,8 @@ from torch.distributed import ProcessGroup
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from looprl.algorithms.core import token_logprobs
+
 ATTENTION_NAME = "looprl_ulysses"
 
 _GROUP: ContextVar[ProcessGroup | None] = ContextVar("looprl_ulysses_group", default=None)
@@ -294,3 +296,71 @@ def _padding_check(*, attention_mask: torch.Tensor | None = None, **kwargs) -> N
 
 AttentionInterface.register(ATTENTION_NAME, ulysses_attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _padding_check)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training with it (`train.sequence_parallel`)
+
+
+def sequence_groups(degree: int) -> ProcessGroup | None:
+    """This rank's group when the ranks are cut into consecutive blocks of `degree` (ranks
+    0..d-1, d..2d-1, ...); each block trains one data-parallel share of a minibatch. Every rank
+    must call it (making a group is collective). Degree 1: None."""
+    if degree == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % degree:
+        raise ValueError(f"Expected train.sequence_parallel={degree} to divide the {world} processes")
+    mine = None
+    for start in range(0, world, degree):
+        group = dist.new_group(list(range(start, start + degree)))
+        if start <= rank < start + degree:
+            mine = group
+    return mine
+
+
+def check_heads(model: torch.nn.Module, degree: int) -> None:
+    """Refuse, before training, a degree that does not split the model's attention heads."""
+    config = getattr(model.config, "text_config", None) or model.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if heads % degree or (kv_heads % degree and degree % kv_heads):
+        raise ValueError(f"Expected train.sequence_parallel={degree} to divide the model's {heads} attention heads "
+                         f"(and its {kv_heads} KV heads to divide it or be a multiple of it)")
+
+
+@contextmanager
+def split_sequences(model: torch.nn.Module, group: ProcessGroup | None) -> Iterator[None]:
+    """Inside the block, `model`'s attention is Ulysses over `group` (None or one rank: unchanged).
+    Run the forward *and* the backward inside it (activation checkpointing re-runs the forward);
+    generation outside it keeps the model's own attention and its KV cache."""
+    if degree(group) == 1:
+        yield
+        return
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        with sequence_parallel(group):
+            yield
+    finally:
+        config._attn_implementation = before
+
+
+def split_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, group: ProcessGroup,
+                         temperature: float = 1.0, pad_id: int = 0) -> torch.Tensor:
+    """Log-probs (B, N-1) of each next token of right-padded rows `input_ids` (B, N), the
+    sequence split over `group` (call inside `split_sequences`). Every rank of the group passes
+    the same rows and gets all of the log-probs.
+
+    The padding needs no mask: positions keep counting through a row's pads, and causal
+    attention never lets a real token see a later pad, so the real tokens' log-probs are those
+    of the masked, unsplit forward (the pads' own are garbage: mask them out of the loss; any
+    `pad_id` does, for the few added to make the length a multiple of the degree).
+    """
+    rows, n = input_ids.shape
+    positions = torch.arange(n, device=input_ids.device).expand(rows, n)
+    part = shard_batch(input_ids, positions, group, pad_id)
+    logits = model(input_ids=part.input_ids, position_ids=part.position_ids, use_cache=False).logits.float()
+    if temperature != 1.0:  # float32 before the temperature, as the sampler and the unsplit pass do
+        logits = logits / temperature
+    return gather_sequence(token_logprobs(logits, part.targets), group)[:, :n - 1]

@@ -23,6 +23,7 @@ from looprl.algorithms.grpo import kl_k3
 from looprl.train.balance import karmarkar_karp
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.parallel import Parallel
+from looprl.train.ulysses import split_sequences
 from looprl.types import Episode, Trajectory
 
 Item = TypeVar("Item")
@@ -113,26 +114,28 @@ def rank_micro_batches(rows: Sequence[Item], plan: Callable[[Sequence[Item]], li
 
     One process: `plan(rows)`. Several: `rows` split across ranks by `size` with the
     Karmarkar-Karp largest differencing method (verl's `seqlen_balancing`), then each
-    rank's part planned.
+    rank's part planned. With sequence parallelism the split is across blocks of ranks
+    (`Parallel.data_world`), and the ranks of a block take the same part.
     """
-    if not parallel.distributed:
+    if parallel.data_world == 1:
         return plan(rows)
-    parts = karmarkar_karp([size(row) for row in rows], parallel.world)
+    parts = karmarkar_karp([size(row) for row in rows], parallel.data_world)
     plans = [[[part[g] for g in group] for group in plan([rows[i] for i in part])] if part else [] for part in parts]
     most = max(len(p) for p in plans)
-    return plans[parallel.rank] + [None] * (most - len(plans[parallel.rank]))
+    return plans[parallel.data_rank] + [None] * (most - len(plans[parallel.data_rank]))
 
 
 def _sum_over_ranks(sums: dict[str, float], parallel: Parallel) -> dict[str, float]:
     """Each rank's weighted metric sums added up (every rank's share of a minibatch is
-    weighted by its share of the count); the gradient norm, the same everywhere, once."""
+    weighted by its share of the count); the gradient norm, the same everywhere, once; and
+    a share that a block of sequence-parallel ranks computed together, once."""
     if not parallel.distributed:
         return sums
     out: dict[str, float] = {}
     for rank_sums in parallel.gather_objects(sums):
         for key, value in rank_sums.items():
             out[key] = out.get(key, 0.0) + value
-    return {k: v / parallel.world if k.endswith("grad_norm") else v for k, v in out.items()}
+    return {k: v / (parallel.world if k.endswith("grad_norm") else parallel.sequence_degree) for k, v in out.items()}
 
 
 def chunk_rows(groups: Sequence[Sequence[Trajectory | Episode]], advantages: torch.Tensor,
@@ -160,7 +163,8 @@ def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Ro
     update = cfg.algorithm
 
     def micro_step(micro: Sequence[Row], total: float) -> dict[str, float]:
-        return policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, micro, total)
+        return policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, micro, total,
+                                 sequence_group=parallel.sequence_group if parallel is not None else None)
 
     return minibatch_update(
         model, optimizer, rows, epochs=update.epochs, minibatch_size=update.minibatch_size,
@@ -178,14 +182,22 @@ def policy_count(algorithm, rows: Sequence[Row]) -> float:
     return len(rows)
 
 
-def policy_micro_step(cfg, algorithm, model, pad_id: int, rows: Sequence[Row], total: float) -> dict[str, float]:
+def policy_micro_step(cfg, algorithm, model, pad_id: int, rows: Sequence[Row], total: float,
+                      sequence_group=None) -> dict[str, float]:
     """Forward and backward one micro-batch, its loss normalised by the minibatch's `total`
-    (`policy_count`); returns its loss metrics."""
+    (`policy_count`); returns its loss metrics. With a `sequence_group` (`Parallel`'s), its
+    ranks split each row's sequence (`looprl.train.ulysses`), forward and backward."""
+    with split_sequences(model, sequence_group):
+        return _policy_micro_step(cfg, algorithm, model, pad_id, rows, total, sequence_group)
+
+
+def _policy_micro_step(cfg, algorithm, model, pad_id: int, rows: Sequence[Row], total: float,
+                       group) -> dict[str, float]:
     batch = collate([t for t, _ in rows], pad_id, [a for _, a in rows], device=model_device(model))
-    logprobs = policy_logprobs(model, batch, cfg.rollout.temperature)
+    logprobs = policy_logprobs(model, batch, cfg.rollout.temperature, group)
     old_logprobs, ref, weights, decoupled = batch.old_logprobs, None, None, {}
     if algorithm.needs_reference:
-        ref = reference_logprobs(model, batch, cfg.rollout.temperature)
+        ref = reference_logprobs(model, batch, cfg.rollout.temperature, group)
     if batch.proximal_logprobs is not None:
         # Decoupled PPO: clip around the proximal policy, weight by pi_prox / pi_behaviour.
         old_logprobs = batch.proximal_logprobs

@@ -27,6 +27,7 @@ class OnPolicy(Stateless):
     """The synchronous LOOP / GRPO step (see the module docstring)."""
 
     data_parallel = True  # several ranks: each plays its share of the tasks, all train (looprl.train.parallel)
+    sequence_parallel = True  # train.sequence_parallel: blocks of ranks split each row (looprl.train.ulysses)
 
     def __init__(self, ctx, fresh: bool):
         self.player = ctx.player()

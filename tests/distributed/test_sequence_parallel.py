@@ -1,0 +1,71 @@
+"""Sequence parallelism in training (`train.sequence_parallel`): the on-policy update with each
+row split over 2 gloo ranks (Ulysses attention, `looprl.train.ulysses`) against the same run
+without the split.
+
+Tolerances: the split changes only the order float32 sums are taken in (each rank's backward
+carries its own shard's share of the gradient, FSDP2 adds the shares), so a step's losses
+agree to ~1e-8 and its gradients to ~1e-6 relative; the weights drift apart by that much per
+Adam step (measured over 4 steps: pg_loss within 8e-8 absolute, grad norms within 3e-5
+relative), which is far too little to change a sampled token, so both runs play the same
+episodes: compared exactly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from looprl.train.metrics import read_metrics
+from looprl.train.models import resolve_model_path
+from looprl.train.parallel import Parallel
+from looprl.train.trainer import train
+from looprl.train.ulysses import check_heads
+from tests.distributed.test_data_parallel import _env
+from tests.recipes.test_recipes import TINY, tiny_recipe
+
+WORKER = Path(__file__).with_name("sp_worker.py")
+
+
+def rl_records(run_dir):
+    return [r for r in read_metrics(run_dir) if "rollout/reward_mean" in r]
+
+
+def test_a_tiny_recipe_trains_the_same_with_its_rows_split_over_two_ranks(tmp_path):
+    resolve_model_path("looprl/tiny", TINY)  # built here once, not by both ranks at once
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(WORKER), "recipe", str(tmp_path)], env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-6000:]
+    off, on = rl_records(tmp_path / "off" / "t"), rl_records(tmp_path / "on" / "t")
+    assert [r["step"] for r in on] == [1, 2, 3, 4] and sum(r["train/optimizer_steps"] for r in on) > 6
+    for a, b in zip(off, on):
+        assert {k: v for k, v in a.items() if k.startswith("rollout/") and "seconds" not in k and "per_s" not in k} \
+            == {k: v for k, v in b.items() if k.startswith("rollout/") and "seconds" not in k and "per_s" not in k}
+        assert a["train/optimizer_steps"] == b["train/optimizer_steps"]
+        if a["train/optimizer_steps"]:
+            assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], abs=1e-6)
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+
+
+def test_a_split_in_one_process_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"train.sequence_parallel=2 needs as many processes"):
+        Parallel().split_sequences(2)
+
+
+def test_a_degree_that_does_not_split_the_heads_is_refused():
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"num_attention_heads": 4, "num_key_value_heads": 2})()
+    check_heads(model, 2)
+    check_heads(model, 4)  # more ranks than KV heads: each KV head is repeated
+    with pytest.raises(ValueError, match=r"train.sequence_parallel=3 to divide the model's 4 attention heads"):
+        check_heads(model, 3)
+
+
+def test_recipes_that_do_not_split_sequences_refuse_it(tmp_path):
+    cfg = tiny_recipe(tmp_path, algorithm={"name": "dpo"}, train={"sequence_parallel": 2})
+    with pytest.raises(ValueError, match=r"does not split sequences .*set train.sequence_parallel=1"):
+        train(cfg)
