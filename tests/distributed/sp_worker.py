@@ -1,5 +1,7 @@
 """Run by tests/distributed/test_sequence_parallel.py under `torchrun --nproc_per_node 2` (gloo).
 
+    python sp_worker.py update {full,lora} OUT DEGREE   3 updates on dp_worker's fixed rows, each row
+        split over DEGREE ranks (1 in one process: the reference); rank 0 saves losses and weights
     python sp_worker.py recipe RUN_ROOT   the tiny LOOP recipe twice, train.sequence_parallel=1 and 2
 """
 
@@ -11,8 +13,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from looprl.config import from_dict  # noqa: E402
+from looprl.train.context import build_optimizer  # noqa: E402
+from looprl.train.parallel import Parallel  # noqa: E402
+from looprl.train.policy import build_policy  # noqa: E402
 from looprl.train.trainer import train  # noqa: E402
+from looprl.train.update import update_policy  # noqa: E402
+from tests.distributed.dp_worker import TINY, fixed_rows  # noqa: E402
+from tests.helpers import make_context  # noqa: E402
 from tests.recipes.test_recipes import tiny_recipe  # noqa: E402
+
+
+def update(mode: str, out: Path, degree: int) -> None:
+    """dp_worker's 3 updates (18 optimizer steps) of a fresh policy, rows split over `degree` ranks."""
+    torch.set_num_threads(1)
+    cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": mode == "lora", "r": 4, "alpha": 8},
+                     "algorithm": {"epochs": 2, "minibatch_size": 4, "micro_batch_tokens": 64, "loss_agg": "token-mean"},
+                     "optim": {"lr": 1e-2, "weight_decay": 0.0, "grad_clip": 1.0}, "train": {"sequence_parallel": degree}})
+    torch.manual_seed(0)
+    model, tokenizer = build_policy(cfg)
+    if mode == "lora":  # an adapter that already moves the output, so LoRA's A and B both get gradients
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    ctx = make_context(cfg, model, tokenizer, build_optimizer(cfg, model), None, None)
+    ctx.parallel = Parallel.from_env()
+    ctx.parallel.split_sequences(degree)
+    ctx.shard()
+    steps = []
+    for step in range(3):
+        torch.manual_seed(100 + step)  # the minibatch order: rank 0's, broadcast
+        metrics = update_policy(cfg, ctx.algorithm, ctx.model, tokenizer, ctx.optimizer,
+                                fixed_rows(step, len(tokenizer)), parallel=ctx.parallel)
+        steps.append({k: metrics[k] for k in ("train/pg_loss", "train/grad_norm", "train/optimizer_steps")})
+    state = {k: v.clone() for k, v in ctx.trained_state().items()}
+    if ctx.parallel.is_main:
+        torch.save({"metrics": steps, "state": state, "degree": ctx.parallel.sequence_degree}, out)
 
 
 def recipe(root: Path) -> None:
@@ -23,4 +62,7 @@ def recipe(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    recipe(Path(sys.argv[2]))
+    if sys.argv[1] == "update":
+        update(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+    else:
+        recipe(Path(sys.argv[2]))
