@@ -41,22 +41,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what the run folder holds (deletes it first)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a model, run or checkpoint on an environment")
-    p.add_argument("--model", required=True, help="looprl/tiny, HF model id or folder, run folder or checkpoint")
-    p.add_argument("--env", required=True, help="environment id, e.g. looprl/Calc-v0")
-    p.add_argument("kwargs", nargs="*", help="env kwargs as key=value, as in the recipe (e.g. difficulty=1)")
-    p.add_argument("--episodes", type=int, default=100, help="number of held-out episodes (seeds 0..N-1)")
-    p.add_argument("--split", default="test", help="task split (Calc-v0: train or test)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens in one turn")
-    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens in one episode")
+    p = sub.add_parser("eval", help="evaluate runs, checkpoints or models; one table with CIs and pass@k",
+                       description="Evaluate each TARGET: a run folder (its final checkpoint) or a checkpoint folder "
+                                   "as the run evaluated itself (its env, kwargs, episodes, limits and temperatures "
+                                   "from its config, unless given here), or a model with --env. Each episode samples "
+                                   "from its own seeded stream: outcomes do not depend on batch size or --episodes.")
+    p.add_argument("targets", nargs="*", metavar="TARGET",
+                   help="run or checkpoint folders, models (with --env), and env kwargs as key=value "
+                        "(e.g. difficulty=1), which override the run's")
+    p.add_argument("--model", help="one more target (looprl/tiny, HF model id or folder, run or checkpoint)")
+    p.add_argument("--env", help="environment id, e.g. looprl/Calc-v0 (default: the run's)")
+    p.add_argument("--episodes", type=int, help="held-out tasks, seeds 0..N-1 (default: the run's eval.episodes, or 100)")
+    p.add_argument("--split", help="task split (default: the run's eval kwargs, or test)")
+    p.add_argument("--temperature", type=float,
+                   help="one mode at this temperature, 0: greedy (default: the run's sampled and greedy modes, or 1)")
+    p.add_argument("--max-new-tokens", type=int, help="the most tokens in one turn (default: the run's, or 64)")
+    p.add_argument("--max-tokens", type=int, help="the most tokens in one episode (default: the run's, or 1024)")
+    p.add_argument("--pass-k", default="1", help="comma-separated k for pass@k and pass^k, e.g. 1,4")
+    p.add_argument("--samples", type=int,
+                   help="sampled episodes per task (default: the largest --pass-k); greedy modes play one")
+    p.add_argument("--max-batch-size", type=int, help="hf engine: rows per decode (default: the run's, or 64)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--engine", choices=("hf", "vllm", "openai"), default="hf",
                    help="hf: transformers in-process; vllm (GPU, the vllm extra); openai: a server at --openai-url")
     p.add_argument("--openai-url", help="--engine openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--served-model", help="--engine openai: the model id the server serves (default: --model)")
-    p.add_argument("--out", help="JSON report path (default: next to the model)")
-    p.add_argument("--baseline", help="an earlier report on the same tasks: print the paired change from it")
+    p.add_argument("--out", help="JSON report path, when one report is written (default: RUN/eval/, or next to "
+                                 "the model)")
+    p.add_argument("--baseline", help="an earlier report on the same tasks (a looprl eval JSON or a run's "
+                                      "eval/*.jsonl): print the paired change from it")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="write a transformers model folder (LoRA merged) or a LoRA adapter")
@@ -159,81 +172,145 @@ def _print_results(results: dict) -> None:
 def _eval(args) -> int:
     import torch
 
-    from looprl.envs import make_env
-    from looprl.train.evaluate import describe_change, evaluate_episodes, paired_change, summarize
+    from looprl.train.eval_targets import resolve_target
     from looprl.train.metrics import write_text_atomic
 
     for flag, value in (("--episodes", args.episodes), ("--max-new-tokens", args.max_new_tokens),
-                        ("--max-tokens", args.max_tokens), ("--threads", args.threads)):
-        if value <= 0:
+                        ("--max-tokens", args.max_tokens), ("--threads", args.threads), ("--samples", args.samples),
+                        ("--max-batch-size", args.max_batch_size)):
+        if value is not None and value <= 0:
             raise ValueError(f"Expect {flag} to be positive, actually: {value}")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise ValueError(f"Expect --temperature to be >= 0 (0: greedy), actually: {args.temperature}")
-    env_kwargs = {**_env_kwargs(args.kwargs), "split": args.split}
-    make_env(args.env, **env_kwargs).close()  # unknown id, kwargs or split: fail before loading a model
-    baseline = _read_baseline(args.baseline, args.env, env_kwargs, args.episodes) if args.baseline else None
+    ks = _pass_k(args.pass_k)
+    samples = args.samples or max(ks)
+    if samples < max(ks):
+        raise ValueError(f"Expect --samples >= the largest --pass-k ({max(ks)}), actually: {samples}")
+    sources = [t for t in args.targets if "=" not in t] + ([args.model] if args.model else [])
+    if not sources:
+        raise ValueError("Expect something to evaluate: looprl eval RUN_OR_CHECKPOINT..., or --model M --env E")
+    if args.engine != "hf" and len(sources) > 1:
+        raise ValueError(f"--engine {args.engine} evaluates one model, actually {len(sources)} targets")
+    options = {"env": args.env, "episodes": args.episodes, "max_new_tokens": args.max_new_tokens,
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "split": args.split,
+               "max_batch_size": args.max_batch_size}
+    env_kwargs = _env_kwargs([t for t in args.targets if "=" in t])
+    targets = [resolve_target(source, options, env_kwargs) for source in sources]
+    reports = [(t, mode) for t in targets for mode in t.modes]
+    if args.out and len(reports) > 1:
+        raise ValueError(f"--out names one report, but {len(reports)} would be written (targets x modes): drop it "
+                         "(they go to each run's eval/) or evaluate one target with --temperature")
+    if args.baseline and any(len(t.modes) > 1 for t in targets):
+        raise ValueError("--baseline pairs with one mode per target: give --temperature (the run evaluates "
+                         "sampled and greedy)")
+    baseline = _read_baseline(args.baseline, targets) if args.baseline else None
     torch.set_num_threads(args.threads)
-    engine, tokenizer, report_dir = _eval_engine(args)
-    records, lost = evaluate_episodes(engine, tokenizer, args.env, env_kwargs, args.episodes,
-                                      temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                      max_tokens=args.max_tokens)
-    result = summarize(records, lost=len(lost))
-    change = paired_change(baseline["records"], records) if baseline else None
-    report = {"model": args.model, "env": args.env, "split": args.split, "env_kwargs": env_kwargs,
-              "temperature": args.temperature, **result,
-              **({"baseline": args.baseline, "change": change} if change else {}), "records": records,
-              "lost": lost}
-    name = f"eval_{args.env.replace('/', '_')}_{args.split}_t{args.temperature:g}.json"
-    out = Path(args.out) if args.out else (report_dir or Path(".")) / name
-    write_text_atomic(out, json.dumps(report, indent=2))  # it may be another run's --baseline
-    table = Table(title=f"{args.model} on {args.env} ({args.split})")
-    for key in ("episodes", "lost_episodes", "success_rate", "mean_return", "mean_turns", "mean_tokens"):
-        table.add_row(key, f"{result[key]:.4g}")
-    if change:
-        table.add_row("change from baseline", describe_change(change))
-    console.print(table)
-    console.print(f"report: {out}")
+    rows = []
+    for target in targets:
+        engine, tokenizer = _eval_engine(args, target)
+        for mode, temperature in target.modes.items():
+            report = _evaluate_mode(engine, tokenizer, target, mode, ks, samples, baseline)
+            out = Path(args.out) if args.out else target.report_path(mode)
+            write_text_atomic(out, json.dumps(report, indent=2))  # it may be another run's --baseline
+            rows.append((target.label, mode, report, out))
+    (console if console.is_terminal else Console(width=200)).print(_eval_table(rows, ks))  # piped: not cut at 80
+    for _, _, _, out in rows:
+        console.print(f"report: {out}")
     return 0
 
 
-def _eval_engine(args):
-    """The engine `--engine` names, its tokenizer, and where the report goes by default."""
+def _pass_k(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        raise ValueError(f"Expect --pass-k to be comma-separated positive integers, e.g. 1,4, actually: {text!r}") from None
+    if ks[0] < 1:
+        raise ValueError(f"Expect --pass-k to be comma-separated positive integers, e.g. 1,4, actually: {text!r}")
+    return ks
+
+
+def _evaluate_mode(engine, tokenizer, target, mode: str, ks: list[int], samples: int, baseline) -> dict:
+    """One mode's report: the summary, success's Wilson interval, pass@k and pass^k, the records."""
+    from looprl.train.eval_stats import compare_summary
+    from looprl.train.evaluate import evaluate_episodes, paired_change, summarize
+
+    temperature = target.modes[mode]
+    n = 1 if temperature == 0 else samples  # greedy decoding samples the same episode every time
+    records, lost = evaluate_episodes(engine, tokenizer, **target.settings, temperature=temperature, samples=n)
+    stats = compare_summary(records, [k for k in ks if k <= n])
+    if n == 1:  # one deterministic sample: every k of them succeed or fail together
+        stats["pass_at_k"] = stats["pass_hat_k"] = {k: stats["success_rate"] for k in ks}
+    change = paired_change(baseline["records"], records) if baseline else None
+    s = target.settings
+    return {"model": target.source, "checkpoint": str(target.checkpoint) if target.checkpoint else None,
+            "env": s["env_id"], "split": s["env_kwargs"].get("split"), "env_kwargs": s["env_kwargs"],
+            "mode": mode, "temperature": temperature, "max_new_tokens": s["max_new_tokens"],
+            "max_tokens": s["max_tokens"], **summarize(records, lost=len(lost)), **stats,
+            **({"baseline": baseline["path"], "change": change} if change else {}), "records": records, "lost": lost}
+
+
+def _eval_table(rows, ks: list[int]) -> Table:
+    from looprl.train.evaluate import describe_change
+
+    table = Table(title="held-out evaluation (success: 95% Wilson interval; pass@k: unbiased estimator)")
+    for column in ("target", "mode", "tasks x samples", "success [95% CI]", *(f"pass@{k}" for k in ks),
+                   *(f"pass^{k}" for k in ks), "return", "turns", "tokens", "lost"):
+        table.add_column(column)
+    changes = any("change" in r for _, _, r, _ in rows)
+    if changes:
+        table.add_column("change from baseline")
+    for label, mode, r, _ in rows:
+        low, high = r["success_ci95"]
+        cells = [label, f"{mode} (T={r['temperature']:g})", f"{r['tasks']} x {r['samples']}",
+                 f"{r['success_rate']:.1%} [{low:.1%}, {high:.1%}]",
+                 *(f"{r['pass_at_k'][k]:.1%}" for k in ks), *(f"{r['pass_hat_k'][k]:.1%}" for k in ks),
+                 f"{r['mean_return']:.3g}", f"{r['mean_turns']:.2f}", f"{r['mean_tokens']:.1f}", str(r["lost_episodes"])]
+        table.add_row(*cells, *([describe_change(r["change"]) if "change" in r else "-"] if changes else []))
+    return table
+
+
+def _eval_engine(args, target):
+    """The engine `--engine` names over `target`'s policy, and its tokenizer."""
     if args.engine == "hf":
         from looprl.rollout.engine import HFEngine
 
-        model, tokenizer, report_dir = _load_for_eval(args.model)
-        return HFEngine(model, tokenizer), tokenizer, report_dir
+        model, tokenizer, _ = _load_for_eval(target.source)
+        return HFEngine(model, tokenizer, **target.engine), tokenizer
     from looprl.train.models import load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(args.model)  # the tokenizer renders the turns; the weights are the server's
+    path = resolve_model_path(target.source)  # the tokenizer renders the turns; the weights are the server's
     tokenizer = load_tokenizer(path)
     if args.engine == "openai":
         from looprl.rollout.openai_engine import OpenAIEngine
 
         if not args.openai_url:
             raise ValueError("--engine openai samples from a server: give --openai-url (e.g. http://127.0.0.1:8000/v1)")
-        return OpenAIEngine(args.openai_url, args.served_model or args.model), tokenizer, None
+        return OpenAIEngine(args.openai_url, args.served_model or target.source), tokenizer
     from looprl.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(path), tokenizer, None
+    return VLLMEngine(path), tokenizer
 
 
-def _read_baseline(path: str, env_id: str, env_kwargs: dict, episodes: int) -> dict:
-    """An earlier `looprl eval` report on the same environment and tasks."""
+def _read_baseline(path: str, targets) -> dict:
+    """An earlier report on the same tasks as every target: a `looprl eval` JSON report (same
+    environment, kwargs and episodes) or a run's own `eval/*.jsonl` records."""
+    from looprl.train.metrics import read_jsonl
+
     try:
-        report = json.loads(Path(path).read_text())
+        report = {"records": read_jsonl(path)} if path.endswith(".jsonl") else json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--baseline {path}: cannot read a report ({e})") from None
     if not isinstance(report, dict) or not isinstance(report.get("records"), list):
         raise ValueError(f"--baseline {path}: not a looprl eval report with per-episode records")
-    theirs = (report.get("env"), report.get("env_kwargs"))
-    if theirs != (env_id, env_kwargs):
-        raise ValueError(f"--baseline {path} evaluated {theirs[0]} with {theirs[1]}, not {env_id} with "
-                         f"{env_kwargs}: its tasks differ")
-    if len(report["records"]) != episodes:
-        raise ValueError(f"--baseline {path} has {len(report['records'])} episodes, not --episodes {episodes}: "
-                         "a paired change needs the same tasks")
-    return report
+    for target in targets:
+        s = target.settings
+        if "env" in report and (report.get("env"), report.get("env_kwargs")) != (s["env_id"], s["env_kwargs"]):
+            raise ValueError(f"--baseline {path} evaluated {report.get('env')} with {report.get('env_kwargs')}, not "
+                             f"{s['env_id']} with {s['env_kwargs']}: its tasks differ")
+        if len(report["records"]) != s["episodes"]:
+            raise ValueError(f"--baseline {path} has {len(report['records'])} episodes, not --episodes "
+                             f"{s['episodes']}: a paired change needs the same tasks")
+    return {**report, "path": path}
 
 
 def _load_for_eval(name: str):

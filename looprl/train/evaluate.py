@@ -32,31 +32,51 @@ def evaluate_episodes(
     context_window: int | None = None,
     faults: FaultPolicy = FaultPolicy(),
     concurrency: str = "thread",
+    samples: int = 1,
+    sampling_seed: int = EVAL_SEED,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Play `episodes` episodes on seeds 0..N-1 (the same tasks every time); one record each.
+    """Play `samples` episodes on each of seeds 0..N-1 (the same tasks every time); one record each.
 
-    Sampling uses its own fixed torch seed, so evaluating never shifts the training
-    run's random stream and two policies are compared on the same draws: records of
-    two evaluations pair up by `seed` (see `paired_change`). Episodes go through the
-    run's collection path (`faults`, `concurrency`); each record is keyed by the seed
-    it was played on.
+    Each episode samples from its own stream, `stream_seed(sampling_seed, seed, sample)`
+    (see `EpisodePlayer`): its outcome does not depend on the engine's batch size, on the
+    other episodes played with it or on `episodes`, two policies are compared on the same
+    draws (records pair up by `seed`, see `paired_change`), and evaluating never moves the
+    training run's random stream. Episodes go through the run's collection path (`faults`,
+    `concurrency`); a task whose episode is lost on every attempt is lost whole.
 
     Returns:
-        `(records, lost)`: a record per played episode, in seed order, and one
-        `{"seed", "reason", "detail"}` per episode lost on every attempt.
+        `(records, lost)`: a record per played episode (with its `sample` index), in seed
+        order, and one `{"seed", "reason", "detail"}` per task lost.
     """
+    if samples < 1:
+        raise ValueError(f"Expect `samples` to be >= 1, actually: {samples}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     player = EpisodePlayer(engine, tokenizer, lambda: make_env(env_id, **env_kwargs), params, max_tokens=max_tokens,
-                           context_window=context_window, faults=faults, concurrency=concurrency)
+                           context_window=context_window, faults=faults, concurrency=concurrency,
+                           sampling_seed=sampling_seed)
     seeds = list(range(episodes))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(EVAL_SEED)
-        collection = player.collect(seeds, 1)
+    with torch.random.fork_rng(devices=[]):  # nothing evaluation does moves the run's random stream
+        collection = player.collect(seeds, samples)
     played = {g.seed for g in collection.groups}
     last_failure = {f.seed: f.error for f in collection.failures}
     lost = [{"seed": s, "reason": last_failure[s].reason, "detail": last_failure[s].detail}
             for s in seeds if s not in played]
-    return [episode_record(g.seed, g.episodes[0], tokenizer) for g in collection.groups], lost
+    records = [episode_record(g.seed, episode, tokenizer) | {"sample": k}
+               for g in collection.groups for k, episode in enumerate(g.episodes)]
+    return records, lost
+
+
+def eval_settings(cfg) -> dict[str, Any]:
+    """What `evaluate_episodes` takes from a run's config: its held-out tasks and episodes,
+    its turn and episode limits and its fault policy (the temperature is per mode, `eval_modes`).
+    The run's own evaluations and `looprl eval RUN` both read it, so they play the same episodes."""
+    return {
+        "env_id": cfg.env.id, "env_kwargs": {**cfg.env.kwargs, **cfg.eval.env_kwargs}, "episodes": cfg.eval.episodes,
+        "max_new_tokens": cfg.rollout.max_new_tokens, "max_tokens": cfg.env.max_tokens,
+        "context_window": cfg.rollout.context_window,
+        "faults": FaultPolicy(cfg.rollout.env_retries, cfg.rollout.env_step_timeout),
+        "concurrency": cfg.env.concurrency,
+    }
 
 
 def episode_record(seed: int, episode: Trajectory | Episode, tokenizer=None) -> dict[str, Any]:
@@ -164,15 +184,10 @@ def evaluate_run(cfg, engine: InferenceEngine, tokenizer, logger, progress, step
     to `run_dir/eval/{tag}_{mode}.jsonl`, the lost ones to `{tag}_{mode}_lost.jsonl`."""
     if cfg.eval.episodes == 0:
         return {}
-    env_kwargs = {**cfg.env.kwargs, **cfg.eval.env_kwargs}
-    faults = FaultPolicy(cfg.rollout.env_retries, cfg.rollout.env_step_timeout)
     results = {}
     for mode, temperature in eval_modes(cfg).items():
         progress.note(f"evaluating {tag} policy ({mode}, {cfg.eval.episodes} episodes)")
-        records, lost = evaluate_episodes(engine, tokenizer, cfg.env.id, env_kwargs, cfg.eval.episodes,
-                                          temperature=temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                                          max_tokens=cfg.env.max_tokens, context_window=cfg.rollout.context_window,
-                                          faults=faults, concurrency=cfg.env.concurrency)
+        records, lost = evaluate_episodes(engine, tokenizer, **eval_settings(cfg), temperature=temperature)
         write_text_atomic(run_dir / "eval" / f"{tag}_{mode}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         lost_path = run_dir / "eval" / f"{tag}_{mode}_lost.jsonl"
         if lost:

@@ -144,7 +144,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         train(tiny_recipe(tmp_path), resume=True)
 
 
-def test_eval_cli_on_a_run_writes_its_report_next_to_it(tmp_path, capsys):
+def test_eval_cli_on_a_run_writes_its_report_in_the_runs_eval_folder(tmp_path, capsys):
     import json
 
     from looprl.cli import main
@@ -152,9 +152,9 @@ def test_eval_cli_on_a_run_writes_its_report_next_to_it(tmp_path, capsys):
     cfg = tiny_recipe(tmp_path, train={"steps": 1})
     train(cfg)
     argv = ["eval", "--model", str(cfg.run_dir), "--env", "looprl/Calc-v0", "max_operand=2", "--episodes", "6",
-            "--max-new-tokens", "16", "--max-tokens", "192"]
+            "--max-new-tokens", "16", "--max-tokens", "192", "--temperature", "1"]
     assert main(argv) == 0
-    path = cfg.run_dir / "eval_looprl_Calc-v0_test_t1.json"
+    path = cfg.run_dir / "eval" / "step_00000001_looprl_Calc-v0_test_sampled_t1.json"
     report = json.loads(path.read_text())
     assert report["episodes"] == 6 and report["env"] == "looprl/Calc-v0"
     assert report["env_kwargs"] == {"max_operand": 2, "split": "test"}
