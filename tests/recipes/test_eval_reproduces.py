@@ -41,6 +41,16 @@ def test_eval_of_a_run_reproduces_its_final_evaluation(run, capsys):
         assert f"{report['success_rate']:.1%}" in out
 
 
+def test_a_runs_own_records_are_a_baseline(run, capsys, tmp_path):
+    cfg, _ = run
+    own = cfg.run_dir / "eval" / "final_sampled.jsonl"
+    assert main(["eval", str(cfg.run_dir), "--temperature", "1", "--baseline", str(own),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    assert "+0.0 pts (0 gained, 0 lost; sign test p = 1)" in capsys.readouterr().out
+    change = json.loads((tmp_path / "r.json").read_text())["change"]
+    assert (change["gained"], change["lost"], change["episodes"]) == (0, 0, 60)
+
+
 @pytest.mark.parametrize("prefix_cache", [True, False])  # the engine's own decoding loop, and model.generate
 def test_episode_outcomes_do_not_depend_on_batch_size_or_episodes(run, prefix_cache):
     cfg, _ = run
