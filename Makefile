@@ -22,6 +22,11 @@ setup: $(STAMP)
 	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || \
 		echo "setup: bubblewrap (bwrap) is not installed: the sandbox will run without its jail"
+	# DeepSpeed (train.backend=deepspeed, and its tests) JIT-builds a C++ op with g++ (ninja comes
+	# with it from pip). Installed the same way; without it the DeepSpeed tests are skipped.
+	@command -v g++ >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; } || \
+		echo "setup: g++ is not installed: the DeepSpeed tests will be skipped"
 	# Headless Chromium renders `looprl report`'s page in the tests (tests/test_report.py), which
 	# skip without it. Installed the same way: only where missing, only as root with apt.
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \

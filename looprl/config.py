@@ -233,9 +233,13 @@ class TrainConfig(Section):
     max_seconds: float | None = Field(None, gt=0, description="stop RL after this long (None: run all steps)")
     save_every: int = Field(25, gt=0, description="checkpoint every N RL steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints to keep")
-    backend: Literal["auto", "single", "fsdp2"] = Field(
+    backend: Literal["auto", "single", "fsdp2", "deepspeed"] = Field(
         "auto", description="data parallelism: auto (fsdp2 under a launcher with more than one process, else "
-        "single), single (one process) or fsdp2 (FSDP2 sharding over torchrun/accelerate processes)")
+        "single), single (one process), fsdp2 (FSDP2 sharding over torchrun/accelerate processes) or deepspeed "
+        "(DeepSpeed ZeRO, stage train.zero_stage)")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="with backend=deepspeed: ZeRO stage 1 (optimizer state sharded), 2 (and gradients) or 3 "
+        "(and parameters)")
     sequence_parallel: int = Field(
         1, ge=1, description="ranks that split each row's sequence (DeepSpeed-Ulysses attention, looprl.train.ulysses); "
         "the processes form blocks of this many, each block one data-parallel share (1: no split)")

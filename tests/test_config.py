@@ -58,6 +58,8 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     ("rollout.group_size=1", "rollout.group_size: Input should be greater than or equal to 2 (got 1)"),
     ("algorithm.ratio_level=step", "algorithm.ratio_level: Input should be 'token', 'turn' or 'trajectory'"),
     ("rollout.turn_wait_s=-1", "rollout.turn_wait_s: Input should be greater than or equal to 0 (got -1)"),
+    ("train.zero_stage=4", "train.zero_stage: Input should be 1, 2 or 3 (got 4)"),
+    ("train.backend=zero3", "train.backend: Input should be 'auto', 'single', 'fsdp2' or 'deepspeed' (got 'zero3')"),
 ])
 def test_bad_value_names_key_path_and_expectation(override, expected):
     with pytest.raises(ConfigError) as info:

@@ -118,7 +118,10 @@ def reference_logprobs(model, batch: Batch, temperature: float = 1.0, sequence_g
     so the reference costs a forward pass, not a second copy of the weights."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
+    from looprl.train.zero import unwrap
+
+    policy = unwrap(model)  # a DeepSpeed engine's (the forward still goes through the engine)
+    if not isinstance(policy, PeftModel):
         raise ValueError("A KL penalty needs lora.enabled=true: the reference is the model with its adapter disabled")
-    with model.disable_adapter():
+    with policy.disable_adapter():
         return policy_logprobs(model, batch, temperature, sequence_group)

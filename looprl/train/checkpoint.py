@@ -634,6 +634,20 @@ class CheckpointManager:
             raise CheckpointError(f"could not load checkpoint {path}: {exc}") from exc
 
 
+class NoCheckpoints:
+    """The checkpoints of a rank that writes none: with DeepSpeed every rank gathers the
+    state (collectives) and rank 0's `CheckpointManager` writes it."""
+
+    def save(self, step: int, **kwargs) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """Finds the checkpoint to resume from, reading only (no clean-up).
 

@@ -104,11 +104,12 @@ class RunContext:
 
     @property
     def trainable_names(self) -> list[str]:
-        return [name for name, p in self.model.named_parameters() if p.requires_grad]
+        return [name for name, p in self.parallel.unwrap(self.model).named_parameters() if p.requires_grad]
 
     def shard(self, optimizer_state: dict[str, Any] | None = None) -> None:
         """Shard the warm-started (or restored) policy over the ranks and build its optimizer
         over the shards, loading `optimizer_state` (one-process format) when resuming.
+        With DeepSpeed, `model` becomes its engine (`Parallel.unwrap` gives the policy back).
         One process: nothing to do (the optimizer was built and loaded already)."""
         if not self.parallel.distributed:
             return
@@ -116,8 +117,8 @@ class RunContext:
         self.sync.publish(self.trained_state(), self.version)
         if optimizer_state is None:
             self.parallel.seed_ranks(self.cfg.seed)  # fresh: ranks sample apart (resumed: their saved states)
-        self.parallel.shard(self.model)
-        self.optimizer = build_optimizer(self.cfg, self.model)
+        self.model, self.optimizer = self.parallel.shard(self.model, functools.partial(build_optimizer, self.cfg),
+                                                         self.cfg.optim.grad_clip)
         if optimizer_state is not None:
             self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state, self.trainable_names)
             apply_optimizer_settings(self.optimizer, self.cfg)
@@ -187,7 +188,7 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> Run
     checkpoint found and the config checked against it), threads, seeds, the policy and
     its optimizer, the folder's `config.yaml` (written once the checks passed), and the
     engine the config names."""
-    parallel = Parallel.from_env(cfg.train.backend)
+    parallel = Parallel.from_env(cfg.train.backend, cfg.train.zero_stage)
     run_dir = Path(cfg.run_dir)
     refused = None
     if parallel.is_main:

@@ -37,6 +37,11 @@ fsdp2`, the default then):
   one), a one-process checkpoint's full state dicts are loaded over the shards.
 - **Evaluation and files.** Rank 0 evaluates, logs and writes the run folder; the
   others wait for it and receive its results.
+
+`train.backend: deepspeed` shards with DeepSpeed ZeRO-1/2/3 instead (`looprl.train.zero`):
+the same rollouts, split, normaliser and zero-weight padding; the policy becomes the
+DeepSpeed engine, which steps and clips, and checkpoints are one-process files written by
+rank 0 from the gathered state.
 """
 
 from __future__ import annotations
@@ -45,13 +50,13 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 log = logging.getLogger("looprl.train")
 
-BACKENDS = ("auto", "single", "fsdp2")
+BACKENDS = ("auto", "single", "fsdp2", "deepspeed")
 
 
 @dataclass
@@ -61,27 +66,31 @@ class Parallel:
     Attributes:
         rank: this process's index.
         world: the number of processes.
-        backend: `single` (one process) or `fsdp2`.
+        backend: `single` (one process), `fsdp2` or `deepspeed`.
+        zero_stage: DeepSpeed's ZeRO stage (1, 2 or 3) with `deepspeed`.
     """
 
     rank: int = 0
     world: int = 1
     backend: str = "single"
+    zero_stage: int = 0
 
     @classmethod
-    def from_env(cls, backend: str = "auto", timeout_s: float = 7200.0) -> "Parallel":
+    def from_env(cls, backend: str = "auto", zero_stage: int = 2, timeout_s: float = 7200.0) -> "Parallel":
         """The launcher's processes (`WORLD_SIZE` > 1: torchrun, accelerate), its process
         group initialised (nccl on CUDA, else gloo); one process without a launcher."""
         if backend not in BACKENDS:
             raise ValueError(f"Expected train.backend in {BACKENDS}, actually: {backend!r}")
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"Expected train.zero_stage in (1, 2, 3), actually: {zero_stage!r}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            if backend == "fsdp2":
-                log.warning("train.backend=fsdp2 in one process: nothing to shard, training as one process")
+            if backend in ("fsdp2", "deepspeed"):
+                log.warning("train.backend=%s in one process: nothing to shard, training as one process", backend)
             return cls()
         if backend == "single":
             raise ValueError(f"train.backend=single, but the launcher started {world} processes (WORLD_SIZE); "
-                             "use train.backend=fsdp2 (or auto) or launch one process")
+                             "use train.backend=fsdp2, deepspeed (or auto) or launch one process")
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -90,6 +99,8 @@ class Parallel:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             # The other ranks wait in a collective while rank 0 evaluates: a generous timeout.
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "deepspeed":
+            return cls(rank=dist.get_rank(), world=dist.get_world_size(), backend="deepspeed", zero_stage=zero_stage)
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), backend="fsdp2")
 
     @property
@@ -135,6 +146,12 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether every rank writes its shards (FSDP2: `looprl.train.sharded_checkpoint`);
+        else rank 0 writes a one-process checkpoint of the gathered state (one process, DeepSpeed)."""
+        return self.backend == "fsdp2"
+
     # Collectives (identity in one process).
 
     def barrier(self) -> None:
@@ -179,10 +196,23 @@ class Parallel:
 
     # Sharding.
 
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """FSDP2: `fully_shard` each decoder layer, then the root (in place); one process: `model`."""
-        if not self.distributed:
-            return model
+    def shard(self, model: torch.nn.Module, build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+              grad_clip: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The policy sharded over the ranks and its optimizer, built over the shards.
+
+        FSDP2: `model` itself, each decoder layer `fully_shard`-ed, then the root (in place).
+        DeepSpeed: its engine over `model` (which clips to `grad_clip` as it steps) and
+        ZeRO's optimizer. One process: `model` and `build_optimizer(model)`.
+        """
+        if self.backend == "deepspeed":
+            from looprl.train import zero
+
+            return zero.initialize(model, build_optimizer, self.zero_stage, grad_clip, self.world)
+        if self.distributed:
+            self._fully_shard(model)
+        return model, build_optimizer(model)
+
+    def _fully_shard(self, model: torch.nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -197,13 +227,37 @@ class Parallel:
         fully_shard(model, mesh=mesh)
         log.info("FSDP2: %d blocks sharded over %d ranks; the log-prob pass takes the full-logits path",
                  len(layers), self.world)
-        return model
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The policy itself: a DeepSpeed engine's module, else `model`."""
+        from looprl.train import zero
+
+        return zero.unwrap(model)
+
+    def optimizer_step(self, model: torch.nn.Module, optimizer, grad_clip: float,
+                       before_step: Callable[[], None] | None = None) -> float:
+        """Clip the accumulated gradients to the global norm `grad_clip` and step the
+        optimizer; returns the norm before clipping. DeepSpeed: its engine reduces, clips
+        (to the `grad_clip` it was built with) and steps."""
+        if before_step is not None:
+            before_step()
+        if self.backend == "deepspeed":
+            model.step()
+            return float(model.get_global_grad_norm())
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        optimizer.step()
+        return norm
 
     def full_state(self, model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors `names` of a sharded `model`, whole, on every rank (a collective)."""
         if not self.distributed:
             params = dict(model.named_parameters())
             return {name: params[name] for name in names}
+        if self.backend == "deepspeed":
+            from looprl.train import zero
+
+            return zero.full_state(self.unwrap(model), names)
         from torch.distributed.tensor import DTensor
 
         params = dict(model.named_parameters())
@@ -213,6 +267,10 @@ class Parallel:
     def full_optimizer_state(self, model: torch.nn.Module, optimizer, names: Sequence[str]) -> dict:
         """The optimizer's state in the one-process format (`optimizer.state_dict()` of the
         unsharded model: parameters numbered in `names`' order), on every rank."""
+        if self.backend == "deepspeed":
+            from looprl.train import zero
+
+            return zero.full_optimizer_state(self.unwrap(model), optimizer, names)
         if not self.distributed or not optimizer.state:
             # No step taken yet: nothing to gather (and `get_optimizer_state_dict` would
             # initialise the state with a zero step, shifting Adam's bias correction by one).
@@ -228,6 +286,11 @@ class Parallel:
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict, names: Sequence[str]) -> None:
         """Load a one-process optimizer state (see `full_optimizer_state`) into a sharded run."""
+        if self.backend == "deepspeed":
+            from looprl.train import zero
+
+            zero.load_optimizer_state(self.unwrap(model), optimizer, state, names, self.zero_stage)
+            return
         if not self.distributed or not state["state"]:
             optimizer.load_state_dict(state)
             return

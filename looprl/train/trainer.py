@@ -32,12 +32,13 @@ from looprl.envs import make_env
 from looprl.rollout.sampler import TaskSampler
 from looprl.train import sharded_checkpoint
 from looprl.train.any_checkpoint import is_sharded, verify_checkpoint
-from looprl.train.checkpoint import CheckpointManager, restore_rng_state
+from looprl.train.checkpoint import CheckpointManager, NoCheckpoints, capture_rng_state, restore_rng_state
 from looprl.train.context import RunContext, env_factory, open_run
 from looprl.train.evaluate import evaluate_run, paired_changes
 from looprl.train.export import save_model_folder
 from looprl.train.metrics import MetricsLogger, init_wandb, write_text_atomic
 from looprl.train.models import merge_lora
+from looprl.train.parallel import rng_to_json
 from looprl.train.policy import load_trainable_state, trainable_state
 from looprl.train.recipes import Interrupted, RecipeEntry, select_recipe
 from looprl.train.resume import apply_optimizer_settings
@@ -131,7 +132,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         if change := ctx.parallel.broadcast_object(change):
             ctx.results["change"] = change
         save(ctx, checkpoints, steps, blocking=True, metrics_lines=before_eval)
-    if ctx.parallel.distributed:
+    if ctx.parallel.sharded_checkpoints:
         checkpoints.close()  # frees its staging thread and buffers
     ctx.logger.close()
     if ctx.parallel.is_main:
@@ -199,13 +200,14 @@ def save_warm_start(model, tokenizer, out: Path, lora: bool) -> None:
     save_model_folder(plain, tokenizer, out)
 
 
-def _checkpointer(ctx: RunContext) -> CheckpointManager | sharded_checkpoint.ShardedCheckpointer:
+def _checkpointer(ctx: RunContext) -> CheckpointManager | NoCheckpoints | sharded_checkpoint.ShardedCheckpointer:
     """Where the run's checkpoints go. One process: `CheckpointManager`. Several ranks: a
     `ShardedCheckpointer` on every rank, whose snapshot the recipes' updates wait for
-    before their next optimizer step (`ctx.before_optimizer_step`)."""
+    before their next optimizer step (`ctx.before_optimizer_step`); with DeepSpeed, rank 0's
+    `CheckpointManager` (the other ranks only help gather the state)."""
     directory, keep = ctx.run_dir / "checkpoints", ctx.cfg.train.keep_checkpoints
-    if not ctx.parallel.distributed:
-        return CheckpointManager(directory, keep_last=keep)
+    if not ctx.parallel.sharded_checkpoints:
+        return CheckpointManager(directory, keep_last=keep) if ctx.parallel.is_main else NoCheckpoints()
     checkpoints = sharded_checkpoint.ShardedCheckpointer(directory, keep_last=keep)
     ctx.before_optimizer_step = checkpoints.wait_staged
     return checkpoints
@@ -220,11 +222,13 @@ def save(ctx: RunContext, checkpoints: CheckpointManager | sharded_checkpoint.Sh
     extra = {"policy_version": ctx.version, "config": ctx.cfg.model_dump(mode="json"),
              "sampler": ctx.sampler.state_dict(), "recipe": recipe.state_dict(), "results": ctx.results,
              "metrics_lines": ctx.logger.lines if metrics_lines is None else metrics_lines}
-    if ctx.parallel.distributed:
+    if ctx.parallel.sharded_checkpoints:
         checkpoints.save(ctx.step, ctx.model, ctx.optimizer, extra)
         if blocking:
             checkpoints.wait()
         return
+    if ctx.parallel.distributed:  # DeepSpeed: every rank gathers, rank 0 writes, with every rank's random state
+        extra["rank_rng"] = ctx.parallel.gather_objects(rng_to_json(capture_rng_state()))
     checkpoints.save(ctx.step, model_state=ctx.trained_state(), optimizer_state=ctx.optimizer_state(),
                      blocking=blocking, extra=extra)
 
@@ -237,6 +241,9 @@ def _restore(path: Path, ctx: RunContext) -> tuple[dict[str, Any], int | None, d
 
     The config's optimizer settings replace the checkpoint's (a resumed run may change
     its learning rate: `looprl.train.resume`)."""
+    if is_sharded(path) and ctx.parallel.backend == "deepspeed":
+        raise ValueError(f"--resume: {path} is a sharded (FSDP2) checkpoint, which train.backend=deepspeed does not "
+                         "load: resume it with train.backend=fsdp2 or in one process")
     if is_sharded(path):
         return _restore_sharded(path, ctx)
     ckpt = CheckpointManager.load(path)

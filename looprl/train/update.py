@@ -77,7 +77,6 @@ def minibatch_update(
     if not items:
         return {"train/optimizer_steps": 0, "train/lr": lr}
     parallel = parallel or Parallel()
-    params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     steps = 0
     for _ in range(epochs):
@@ -93,15 +92,11 @@ def minibatch_update(
                     continue
                 micro = [rows[g] for g in group]
                 weight = count(micro) / total
-                # FSDP averages the ranks' gradients: each normalises by its share of the count.
+                # FSDP and DeepSpeed average the ranks' gradients: each normalises by its share of the count.
                 for key, value in micro_step(micro, total / parallel.world).items():
                     sums[metric_prefix + key] = sums.get(metric_prefix + key, 0.0) + value * weight
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+            norm = parallel.optimizer_step(model, optimizer, grad_clip, before_step)
             sums[f"{metric_prefix}grad_norm"] = sums.get(f"{metric_prefix}grad_norm", 0.0) + norm
-            if before_step is not None:
-                before_step()
-            optimizer.step()
             steps += 1
     sums = _sum_over_ranks(sums, parallel)
     return {**{k: v / steps for k, v in sums.items()}, "train/optimizer_steps": steps, "train/lr": lr}

@@ -6,10 +6,18 @@ one process does, so gradients agree to float32 rounding (~1e-9 relative); Adam 
 by the root of the second moment, which magnifies such differences on tiny gradients,
 and 18 optimizer steps at lr 1e-2 leave the weights within ~6e-6 (measured): they are
 compared at 3e-5, the losses at 1e-6 relative.
+
+DeepSpeed ZeRO-1/2/3 (`train.backend=deepspeed`) take the same 3 updates in one launch.
+Measured against one process: losses within 6e-8 relative, gradient norms within 9e-6
+relative, Adam moments within 1.1e-8; weights within 9.7e-6 (ZeRO-1/2) and 2.1e-5 (ZeRO-3:
+its reduce-scatter sums in yet another order) full, 1.5e-6 with LoRA. The same reasons
+as FSDP2's: compared at 3e-5 (ZeRO-3: 1e-4), gradient norms at 5e-5 relative (they are
+means over each update's 6 steps, taken on weights that already differ by that much).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,12 +29,17 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("dp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1"}
+    # DeepSpeed JIT-builds a C++ op on its first start (~20 s here, ~2 min on slower machines):
+    # built once into the checkout's ignored .cache, as CI runs on one clone.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return {**env, "OMP_NUM_THREADS": "1", "PATH": PATH}  # PATH: the venv's ninja, in a venv not activated
 
 
 def run(*args, ranks: int) -> None:
@@ -87,6 +100,62 @@ def test_fsdp2_updates_equal_one_process(one_process, tmp_path):
     close_optimizer(one["optimizer"], two["optimizer"], atol=1e-6)
     if mode == "lora":
         assert all("lora_" in k for k in two["state"]), "LoRA trains (and gathers) the adapter only"
+
+
+def skip_without_deepspeed() -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    if shutil.which("g++", path=PATH) is None or shutil.which("ninja", path=PATH) is None:
+        pytest.skip("DeepSpeed JIT-builds a C++ op at its start, which needs g++ and ninja (make setup installs them)")
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    """The same three updates on 2 ranks with DeepSpeed ZeRO-1, 2 and 3, full and LoRA (one launch)."""
+    skip_without_deepspeed()
+    out = tmp_path_factory.mktemp("zero")
+    run("zero", out, ranks=2)
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_updates_equal_one_process(one_process, zero_runs, stage):
+    mode, one = one_process
+    two = load(zero_runs / f"zero{stage}_{mode}.pt")
+    assert two["world"] == 2
+    assert [m["train/optimizer_steps"] for m in two["metrics"]] == [6, 6, 6]
+    for a, b in zip(one["metrics"], two["metrics"]):
+        assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=5e-5)
+    close(one["state"], two["state"], atol=1e-4 if stage == 3 else 3e-5)
+    close_optimizer(one["optimizer"], two["optimizer"], atol=1e-6)  # gathered from ZeRO's partitions
+    assert {s["step"].item() for s in two["optimizer"]["state"].values()} == {18}
+    if mode == "lora":
+        assert all("lora_" in k for k in two["state"]), "LoRA trains (and gathers) the adapter only"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_resumes_exactly_from_its_checkpoint(zero_runs, stage):
+    """Rank 0 writes the gathered state as a one-process checkpoint; loaded back into ZeRO's
+    partitions (AdamW's state created there before its first step), the run continues exactly."""
+    saved, resumed = load(zero_runs / f"zero{stage}_saved.pt"), load(zero_runs / f"zero{stage}_resumed.pt")
+    whole = load(zero_runs / f"zero{stage}_full.pt")
+    close(saved["state"], resumed["loaded"]["state"], atol=0)
+    equal_optimizer(saved["optimizer"], resumed["loaded"]["optimizer"])
+    assert resumed["metrics"] == whole["metrics"][2:]
+    close(whole["state"], resumed["state"], atol=0)
+    equal_optimizer(whole["optimizer"], resumed["optimizer"])
+
+
+def test_deepspeed_zero3_kl_penalty_equals_one_process(zero_runs, tmp_path):
+    """GRPO's KL to the reference, the policy with its LoRA adapter disabled (through the engine)."""
+    run("update", "lora_kl", tmp_path / "one.pt", 0, 3, ranks=1)
+    one, two = load(tmp_path / "one.pt"), load(zero_runs / "zero3_lora_kl.pt")
+    assert all(m["train/kl"] > 1e-4 for m in one["metrics"])  # the adapter moves the policy off the reference
+    for a, b in zip(one["metrics"], two["metrics"], strict=True):
+        assert b["train/kl"] == pytest.approx(a["train/kl"], rel=1e-5)
+        assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], rel=1e-6)
+    close(one["state"], two["state"])  # measured: KL within 2.5e-6 relative, adapter weights within 3.2e-6
 
 
 def test_a_checkpoint_of_2_ranks_resumes_in_1_process_and_back(one_process, tmp_path):
@@ -169,3 +238,32 @@ def test_a_tiny_recipe_trains_under_torchrun_resumes_exactly_and_exports(tmp_pat
     assert adam_steps == {sum(r["train/optimizer_steps"] for r in records)}
     trained_on = sum(r["train/optimizer_steps"] for r in records[2:]) > 0  # a tiny policy's groups may all fail
     assert any(not torch.equal(state_c[k], state_2[k]) for k in exported) == trained_on
+
+
+def test_a_tiny_recipe_under_deepspeed_zero3_resumes_exactly_and_exports(tmp_path):
+    from looprl.cli import main
+    from looprl.train.any_checkpoint import is_sharded
+    from looprl.train.models import resolve_model_path
+    from tests.recipes.test_recipes import TINY, rl_records
+
+    skip_without_deepspeed()
+    resolve_model_path("looprl/tiny", TINY)
+    run("recipe_zero", tmp_path, 3, ranks=2)  # 4 steps; 2 steps, then resumed to 4
+    whole, part = tmp_path / "whole" / "t", tmp_path / "part" / "t"
+    # Rank 0 wrote one-process checkpoints of the gathered state.
+    assert not any(is_sharded(p) for p in (whole / "checkpoints").iterdir() if p.name.startswith("step_"))
+    step_a, state_a = final_state(whole)
+    step_b, state_b = final_state(part)
+    assert step_a == step_b == 4
+    close(state_a, state_b, atol=0)
+    records = rl_records(whole)
+    assert rl_records(part) == records and [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["rollout/episodes"] == 24 for r in records)  # both ranks played
+    assert sum(r["train/optimizer_steps"] for r in records[2:]) > 0  # the resumed steps trained
+    assert main(["export", str(whole), "--out", str(tmp_path / "export")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "export").named_parameters())
+    assert exported.keys() == state_a.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value.detach(), state_a[key], rtol=0, atol=0, msg=key)
