@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import time
@@ -44,6 +45,11 @@ from looprl.train.recipes import Interrupted, RecipeEntry, select_recipe
 from looprl.train.resume import apply_optimizer_settings
 from looprl.train.sft import expert_pool, run_sft
 from looprl.train.stop import GracefulStop
+
+log = logging.getLogger("looprl.train")
+
+# RL steps in a row without an optimizer step before the run says why it is not learning.
+IDLE_STEPS_WARNING = 10
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -95,11 +101,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         if ctx.step == 0 and cfg.eval.before_rl and "warmstart" not in ctx.results:
             try:
                 ctx.results["warmstart"] = _evaluate(ctx, 0, "warmstart")
+                _warn_if_never_solved(ctx, ctx.results["warmstart"])
             except KeyboardInterrupt:
                 checkpoints.wait()  # the step-0 checkpoint is complete: --resume evaluates it again
                 raise
             save(ctx, checkpoints, steps)  # step 0 again, now with the warm start's evaluation
-        start = time.perf_counter()
+        start, idle = time.perf_counter(), 0
         ctx.progress.start("rl", cfg.train.steps, completed=ctx.step)
         with GracefulStop() as ctx.stop:
             try:
@@ -112,6 +119,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                     except Interrupted:  # stopped while the step waited for its data: nothing trained
                         break
                     ctx.step += 1
+                    idle = 0 if metrics.get("train/optimizer_steps", 1) else idle + 1
+                    if idle == IDLE_STEPS_WARNING and ctx.parallel.is_main:
+                        log.warning(f"{idle} RL steps in a row made no optimizer step (up to step {ctx.step}): every "
+                                    "group's episodes got the same reward, so every advantage is 0 (the policy "
+                                    "solves ~none or ~all of its tasks); warm-start it with SFT or pick tasks it "
+                                    "solves sometimes")
                     ctx.logger.log(metrics, ctx.step)
                     ctx.progress.advance("rl", metrics)
                     checkpoints.poll()  # a failed background save stops the run now, saying why
@@ -147,6 +160,16 @@ def _evaluate(ctx: RunContext, step: int, label: str) -> dict[str, Any]:
     if ctx.parallel.is_main:
         results = evaluate_run(ctx.cfg, ctx.engine, ctx.tokenizer, ctx.logger, ctx.progress, step, label, ctx.run_dir)
     return ctx.parallel.broadcast_object(results)
+
+
+def _warn_if_never_solved(ctx: RunContext, results: dict[str, Any]) -> None:
+    """Say so when the policy RL starts from solves no held-out task: the policy-gradient
+    recipes learn from reward differences inside a group, and it would produce none."""
+    sampled = results.get("sampled") or {}
+    if ctx.parallel.is_main and sampled.get("episodes") and sampled.get("success_rate") == 0:
+        log.warning(f"The policy solves none of {sampled['episodes']} held-out tasks before RL (sampled): LOOP and "
+                    "GRPO learn from reward differences within a group, and a policy that never succeeds makes "
+                    "none; warm-start it with SFT (sft.steps) or start from easier tasks")
 
 
 def _agreed_stop(ctx: RunContext) -> bool:
