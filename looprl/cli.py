@@ -215,7 +215,7 @@ def _eval(args) -> int:
             rows.append((target.label, mode, report, out))
     (console if console.is_terminal else Console(width=200)).print(_eval_table(rows, ks))  # piped: not cut at 80
     for _, _, _, out in rows:
-        console.print(f"report: {out}")
+        console.print(f"report: {out}", soft_wrap=True)  # a path stays whole, to copy
     return 0
 
 
