@@ -242,6 +242,9 @@ class Parallel:
         if before_step is not None:
             before_step()
         if self.backend == "deepspeed":
+            if grad_clip != model.gradient_clipping():
+                raise ValueError(f"DeepSpeed clips to the optim.grad_clip it was built with "
+                                 f"({model.gradient_clipping()}), not {grad_clip}")
             model.step()
             return float(model.get_global_grad_norm())
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
