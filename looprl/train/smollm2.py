@@ -24,7 +24,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-from looprl.train.tiny import build_once, cache_dir
+from looprl.train.tiny import OTHER_TURNS_TEMPLATE, build_once, cache_dir
 
 MODEL_ID = "looprl/smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,19 +50,7 @@ CHAT_TEMPLATE = (
     "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
     "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
     "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
-    "{%- elif message.role == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
-    "{%- for call in message.tool_calls or [] %}"
-    "{%- set f = call.function if call.function is defined else call %}"
-    "{{- '<tool_call>{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
-    "{{- (f.arguments if f.arguments is string else f.arguments | tojson) + '}</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    + OTHER_TURNS_TEMPLATE
 )
 
 

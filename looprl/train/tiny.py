@@ -34,6 +34,26 @@ TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_respons
 # A compact Hermes-style template: tools are listed by signature (a tiny model reads
 # every token), assistant tool calls are `<tool_call>{json}</tool_call>`, consecutive
 # tool results share one user turn, as in Qwen2.5's template.
+# The end of a ChatML template's message loop, after its tool-result branch: assistant turns
+# with Hermes `<tool_call>` blocks, every other role as a plain turn, the generation prompt.
+# Shared by the built-in models' templates (here and `looprl.train.smollm2`).
+OTHER_TURNS_TEMPLATE = (
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- set f = call.function if call.function is defined else call %}"
+    "{{- '<tool_call>{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
+    "{{- (f.arguments if f.arguments is string else f.arguments | tojson) + '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0].role == 'system' %}"
     "{%- set system = messages[0].content %}{%- set messages = messages[1:] %}"
@@ -53,19 +73,7 @@ CHAT_TEMPLATE = (
     "{{- '<tool_response>' + message.content + '</tool_response>' }}"
     "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}"
     "{{- '<|im_end|>\\n' }}{%- endif %}"
-    "{%- elif message.role == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
-    "{%- for call in message.tool_calls or [] %}"
-    "{%- set f = call.function if call.function is defined else call %}"
-    "{{- '<tool_call>{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
-    "{{- (f.arguments if f.arguments is string else f.arguments | tojson) + '}</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    + OTHER_TURNS_TEMPLATE
 )
 
 
