@@ -87,10 +87,11 @@ def resolve_target(source: str, options: dict[str, Any], env_kwargs: dict[str, A
         modes = {}
         path = Path(source)
         report_dir = path if path.is_dir() else None
-    if "env" in given and given["env"] != settings["env_id"]:  # another environment: the run's kwargs do not apply
+    other_env = "env" in given and given["env"] != settings["env_id"]
+    if other_env:  # another environment: the run's kwargs do not apply
         settings["env_id"], settings["env_kwargs"] = given["env"], {}
     settings["env_kwargs"] = {**settings["env_kwargs"], **env_kwargs}
-    if "split" in given or cfg is None:
+    if "split" in given or cfg is None or other_env:
         settings["env_kwargs"]["split"] = given.get("split", DEFAULTS["split"])
     for key in ("episodes", "max_new_tokens", "max_tokens"):
         settings[key] = given.get(key, settings[key])

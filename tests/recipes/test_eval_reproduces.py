@@ -125,3 +125,17 @@ def test_pass_at_k_and_pass_hat_k_match_enumerating_every_subset(n):
             at, hat = brute(list(outcomes), k)
             assert pass_at_k(n, sum(outcomes), k) == pytest.approx(at, abs=1e-12)
             assert pass_hat_k(n, sum(outcomes), k) == pytest.approx(hat, abs=1e-12)
+
+
+def test_flags_override_the_runs_settings(run):
+    from looprl.train.eval_targets import resolve_target
+
+    cfg, _ = run
+    none = dict.fromkeys(("env", "episodes", "max_new_tokens", "max_tokens", "temperature", "split", "max_batch_size"))
+    own = resolve_target(str(cfg.run_dir), none, {})
+    assert own.settings["env_kwargs"] == {"max_operand": 2, "split": "train"} and own.settings["episodes"] == 60
+    assert own.modes == {"sampled": 1.0, "greedy": 0.0} and own.engine["max_batch_size"] == cfg.rollout.max_batch_size
+    given = resolve_target(str(cfg.run_dir), {**none, "episodes": 5, "split": "test", "temperature": 0.0,
+                                              "max_batch_size": 8}, {"max_operand": 3})
+    assert given.settings["env_kwargs"] == {"max_operand": 3, "split": "test"} and given.settings["episodes"] == 5
+    assert given.modes == {"greedy": 0.0} and given.engine["max_batch_size"] == 8
