@@ -53,6 +53,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from looprl.algorithms.core import token_logprobs
+from looprl.train.zero import unwrap
 
 ATTENTION_NAME = "looprl_ulysses"
 
@@ -336,7 +337,7 @@ def split_sequences(model: torch.nn.Module, group: ProcessGroup | None) -> Itera
     if degree(group) == 1:
         yield
         return
-    config = model.config
+    config = unwrap(model).config  # a DeepSpeed engine's own `config` is DeepSpeed's
     before = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
     try:

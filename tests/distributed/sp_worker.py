@@ -1,6 +1,6 @@
 """Run by tests/distributed/test_sequence_parallel.py under `torchrun --nproc_per_node 2` (gloo).
 
-    python sp_worker.py update {full,lora} OUT DEGREE   3 updates on dp_worker's fixed rows, each row
+    python sp_worker.py update {full,lora} OUT DEGREE [BACKEND]   3 updates on dp_worker's fixed rows, each row
         split over DEGREE ranks (1 in one process: the reference); rank 0 saves losses and weights
     python sp_worker.py recipe RUN_ROOT   the tiny LOOP recipe twice, train.sequence_parallel=1 and 2
 """
@@ -26,8 +26,9 @@ from tests.helpers import make_context  # noqa: E402
 from tests.recipes.test_recipes import tiny_recipe  # noqa: E402
 
 
-def update(mode: str, out: Path, degree: int) -> None:
-    """dp_worker's 3 updates (18 optimizer steps) of a fresh policy, rows split over `degree` ranks."""
+def update(mode: str, out: Path, degree: int, backend: str = "auto") -> None:
+    """dp_worker's 3 updates (18 optimizer steps) of a fresh policy, rows split over `degree` ranks,
+    the policy sharded by `backend` (FSDP2 or DeepSpeed ZeRO-2)."""
     torch.set_num_threads(1)
     cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": mode == "lora", "r": 4, "alpha": 8},
                      "algorithm": {"epochs": 2, "minibatch_size": 4, "micro_batch_tokens": 64, "loss_agg": "token-mean"},
@@ -40,7 +41,7 @@ def update(mode: str, out: Path, degree: int) -> None:
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
     ctx = make_context(cfg, model, tokenizer, build_optimizer(cfg, model), None, None)
-    ctx.parallel = Parallel.from_env()
+    ctx.parallel = Parallel.from_env(backend)
     ctx.parallel.split_sequences(degree)
     ctx.shard()
     steps = []
@@ -63,6 +64,6 @@ def recipe(root: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "update":
-        update(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+        update(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])
     else:
         recipe(Path(sys.argv[2]))

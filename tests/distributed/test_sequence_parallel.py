@@ -6,13 +6,14 @@ Tolerances: the split changes only the order float32 sums are taken in (each ran
 carries its own shard's share of the gradient, FSDP2 adds the shares), so a step's losses
 agree to ~1e-8 and its gradients to ~1e-6 relative. Adam magnifies that on tiny gradients:
 after dp_worker's 18 optimizer steps at lr 1e-2 the weights are within 2.2e-5 (full) and
-5e-7 (LoRA) of one process's (measured; compared at 5e-5). In the recipe (4 steps: pg_loss
+5e-7 (LoRA) of one process's, the same under DeepSpeed ZeRO-2 (measured; compared at 5e-5). In the recipe (4 steps: pg_loss
 within 8e-8 absolute, grad norms within 3e-5 relative) that is far too little to change a
 sampled token, so both runs play the same episodes: compared exactly.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from looprl.train.parallel import Parallel
 from looprl.train.trainer import train
 from looprl.train.ulysses import check_heads
 from tests.distributed.dp_worker import TINY as TINY_UPDATE
-from tests.distributed.test_data_parallel import _env
+from tests.distributed.test_data_parallel import PATH, _env
 from tests.recipes.test_recipes import TINY, tiny_recipe
 
 WORKER = Path(__file__).with_name("sp_worker.py")
@@ -39,11 +40,13 @@ def launch(*args, ranks: int = 2) -> None:
     assert done.returncode == 0, f"{args} on {ranks} rank(s) failed:\n{done.stderr[-6000:]}"
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_updates_with_rows_split_over_two_ranks_equal_one_process(tmp_path, mode):
+@pytest.mark.parametrize("mode, backend", [("full", "fsdp2"), ("lora", "fsdp2"), ("full", "deepspeed")])
+def test_updates_with_rows_split_over_two_ranks_equal_one_process(tmp_path, mode, backend):
+    if backend == "deepspeed" and not all(shutil.which(tool, path=PATH) for tool in ("g++", "ninja")):
+        pytest.skip("DeepSpeed JIT-builds a C++ op at its start, which needs g++ and ninja")
     resolve_model_path("looprl/tiny", TINY_UPDATE)
     launch("update", mode, tmp_path / "one.pt", 1, ranks=1)
-    launch("update", mode, tmp_path / "two.pt", 2)
+    launch("update", mode, tmp_path / "two.pt", 2, backend)
     one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
     assert (one["degree"], two["degree"]) == (1, 2)
     assert [m["train/optimizer_steps"] for m in two["metrics"]] == [6, 6, 6]
