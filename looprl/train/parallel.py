@@ -68,12 +68,15 @@ class Parallel:
         world: the number of processes.
         backend: `single` (one process), `fsdp2` or `deepspeed`.
         zero_stage: DeepSpeed's ZeRO stage (1, 2 or 3) with `deepspeed`.
+        sequence_group: this rank's block of ranks that split each row's sequence
+            (`split_sequences`; a ProcessGroup), None without sequence parallelism.
     """
 
     rank: int = 0
     world: int = 1
     backend: str = "single"
     zero_stage: int = 0
+    sequence_group: Any = None
 
     @classmethod
     def from_env(cls, backend: str = "auto", zero_stage: int = 2, timeout_s: float = 7200.0) -> "Parallel":
@@ -108,8 +111,6 @@ class Parallel:
         return self.world > 1
 
     # Sequence parallelism (`train.sequence_parallel`): blocks of ranks share their rows.
-
-    sequence_group: Any = None  # this rank's block (a ProcessGroup) at a degree above 1, else None
 
     def split_sequences(self, degree: int) -> None:
         """Cut the ranks into blocks of `degree` that split each row's sequence (Ulysses,
