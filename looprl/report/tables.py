@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from looprl.report.run import RunFiles
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a success rate (95% at z = 1.96; Wilson, 1927): unlike the
-    normal approximation it stays inside [0, 1] and is not empty at 0 or n successes.
-
-    >>> [round(v, 3) for v in wilson_interval(5, 10)]
-    [0.237, 0.763]
-    >>> [round(v, 3) for v in wilson_interval(0, 20)]
-    [0.0, 0.161]
-    """
-    if n <= 0:
-        raise ValueError(f"Expect at least one episode, actually n = {n}")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+from looprl.train.eval_stats import wilson_interval
 
 
 def eval_rows(run: RunFiles) -> list[dict[str, Any]]:
