@@ -200,3 +200,44 @@ def test_exported_run_served_by_vllm_gives_the_runs_greedy_turns(tmp_path, token
     diffs = [torch.tensor([p[t].logprob for t, p in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)], dtype=torch.float64)
              - torch.tensor(c.logprobs, dtype=torch.float64) for o, c in zip(outputs, expected)]
     assert report("exported run served by vllm.LLM, greedy logprobs vs HFEngine on the run's policy", diffs) <= TOLERANCE
+
+
+def test_lora_updates_move_only_the_adapter(tmp_path, tokenizer):
+    """A LoRA engine serves the peft policy's adapter; each update (the policy's adapter
+    saved again, or its tensors pushed as a run publishes them) is a new vLLM adapter, and
+    the logprobs follow the policy, far from the base model's."""
+    from peft import LoraConfig, get_peft_model
+
+    base, base_tokenizer = peaked_tiny()
+    base.save_pretrained(tmp_path / "base")
+    base_tokenizer.save_pretrained(tmp_path / "base")
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+
+    def move_adapter() -> None:  # LoRA starts as a no-op (B = 0): give it weights that matter
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+    move_adapter()
+    engine = VLLMEngine(str(tmp_path / "base"), policy=policy, adapter_root=tmp_path / "adapters", max_lora_rank=8,
+                        stop_token_ids=stop_token_ids(base, tokenizer), **CPU_ENGINE)
+    temperature, prompts = 0.8, chat_prompts(tokenizer, 2)
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=16, temperature=temperature)) for p in prompts]
+    diffs = []
+    try:
+        for update in (None, "save", "push"):
+            if update is not None:
+                move_adapter()
+                engine.update_weights(None if update == "save" else trainable_state(policy))
+            completions = run(engine.generate(requests))
+            assert {c.version for c in completions} == {engine.version} and engine.adapters.live == [engine.version + 1]
+            for prompt, c in zip(prompts, completions):
+                lp = torch.tensor(c.logprobs, dtype=torch.float64)
+                diffs.append(lp - forward_logprobs(policy, prompt, c.token_ids, temperature))
+                with policy.disable_adapter():
+                    assert (lp - forward_logprobs(policy, prompt, c.token_ids, temperature)).abs().max() > 100 * TOLERANCE
+    finally:
+        engine.shutdown()
+    assert report("LoRA sampled logprobs (initial adapter, saved, pushed) vs the peft policy's forward pass", diffs) <= TOLERANCE
