@@ -92,12 +92,23 @@ def load_vllm_api() -> SimpleNamespace:
 
 # ---- pure conversions (tested without vLLM) ---------------------------------------
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank` (a run's r=4 needs 8)."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, actually: {rank}")
+    return fits[0]
+
+
 def engine_args_kwargs(model: str, *, lora: bool, max_lora_rank: int,
                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The `AsyncEngineArgs` keyword arguments: processed logprobs, LoRA when asked."""
     kwargs: dict[str, Any] = {"model": model, "logprobs_mode": "processed_logprobs"}
     if lora:
-        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(max_lora_rank))
     kwargs.update(extra or {})
     if kwargs["logprobs_mode"] != "processed_logprobs":
         raise ValueError("VLLMEngine needs logprobs_mode='processed_logprobs' (logprobs under the "

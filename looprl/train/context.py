@@ -178,8 +178,9 @@ def build_engine(cfg: RunConfig, model, tokenizer, run_dir: Path,
     from looprl.rollout.vllm_engine import VLLMEngine  # imports vllm: only when asked
     from looprl.train.models import resolve_model_path
 
-    engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.tiny or None), lora=cfg.lora.enabled,
-                        max_lora_rank=cfg.lora.r, **r.vllm_kwargs)
+    # With LoRA, the peft policy: its adapter config names the adapters the run publishes.
+    engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.tiny or None),
+                        policy=model if cfg.lora.enabled else None, max_lora_rank=cfg.lora.r, **r.vllm_kwargs)
     return engine, engine
 
 

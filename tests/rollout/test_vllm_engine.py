@@ -57,6 +57,7 @@ def test_engine_args_ask_for_processed_logprobs():
     assert kwargs == {"model": "m", "logprobs_mode": "processed_logprobs", "enable_lora": True,
                       "max_lora_rank": 16, "dtype": "float16"}
     assert "enable_lora" not in engine_args_kwargs("m", lora=False, max_lora_rank=16)
+    assert engine_args_kwargs("m", lora=True, max_lora_rank=4)["max_lora_rank"] == 8  # vLLM takes 1, 8, 16, ...
     with pytest.raises(ValueError, match="processed_logprobs"):
         engine_args_kwargs("m", lora=False, max_lora_rank=8, extra={"logprobs_mode": "raw_logprobs"})
 

@@ -241,3 +241,36 @@ def test_lora_updates_move_only_the_adapter(tmp_path, tokenizer):
     finally:
         engine.shutdown()
     assert report("LoRA sampled logprobs (initial adapter, saved, pushed) vs the peft policy's forward pass", diffs) <= TOLERANCE
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_runs_engine_serves_what_it_publishes(tmp_path, lora):
+    """`rollout.engine=vllm` as `open_run` builds it (`build_engine`), for a full fine-tune
+    and a LoRA run: what the run publishes (`trainable_state` after its weights moved) is
+    what vLLM samples from."""
+    from looprl.config import from_dict
+    from looprl.train.context import build_engine
+    from looprl.train.policy import build_policy
+
+    cfg = from_dict({"name": "run", "output_dir": str(tmp_path), "model": {"tiny": VLLM_TINY},
+                     "lora": {"enabled": lora, "r": 4, "alpha": 8},
+                     "rollout": {"engine": "vllm", "vllm_kwargs": CPU_ENGINE}})
+    model, tokenizer = build_policy(cfg)
+    engine, sync = build_engine(cfg, model, tokenizer, tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a step's update: LoRA's B (zero at the start), else every weight
+        for name, p in model.named_parameters():
+            if p.requires_grad and (not lora or "lora_B" in name):
+                p.add_(torch.randn(p.shape, generator=generator) * (0.5 if lora else 0.05))
+    prompts = chat_prompts(tokenizer, 2)
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=16, temperature=0)) for p in prompts]
+    try:
+        sync.publish(trainable_state(model), 1)
+        actual = run(engine.generate(requests))
+    finally:
+        engine.shutdown()
+    expected = HFEngine(model.eval(), tokenizer).generate_batch(requests)
+    assert [c.token_ids for c in actual] == [c.token_ids for c in expected] and {c.version for c in actual} == {1}
+    diffs = [torch.tensor(a.logprobs, dtype=torch.float64) - torch.tensor(e.logprobs, dtype=torch.float64)
+             for a, e in zip(actual, expected)]
+    assert report(f"build_engine ({'LoRA' if lora else 'full'}) after publish, greedy vs HFEngine", diffs) <= TOLERANCE
