@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import signal
+import threading
 import time
 
 import pytest
@@ -169,12 +170,27 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
     real_call = streaming.Streaming.step
     seen = {"synced": [], "killed_in_flight": None}
 
+    def kill_when_busy(pool):
+        deadline = time.perf_counter() + 300
+        while pool.in_flight[0] == 0 and time.perf_counter() < deadline:
+            time.sleep(0.002)
+        seen["killed_in_flight"] = pool.in_flight[0]
+        ray.kill(pool.actors[0], no_restart=False)  # a crash: Ray restarts it (producer_restarts=1)
+
     def call(self, ctx):
         model, engine = ctx.model, ctx.engine
         if "initial" not in seen:
             seen["initial"] = {k: v.detach().clone() for k, v in trainable_state(model).items()}
         metrics = real_call(self, ctx)
         pool, state = self.engine, trainable_state(model)
+        if self.steps_done == 3:  # actor 0 is killed by now (below), and its death is noticed
+            seen["killer"].join(timeout=300)
+            # Until its lost groups are counted: on a loaded machine Ray can take longer to
+            # notice the death than the last step takes, and a drop counted after the last
+            # step never reaches metrics.jsonl (a race in this test, not a lost count).
+            deadline = time.perf_counter() + 300
+            while self.stream.dropped.get("producer_died", 0) == 0 and time.perf_counter() < deadline:
+                time.sleep(0.005)
         deadline = time.perf_counter() + 60
         while self.steps_done == 4 and len(pool.ready) < 2 and time.perf_counter() < deadline:
             time.sleep(0.05)  # the restarted actor is back, with the latest weights
@@ -184,18 +200,11 @@ def test_ray_producers_train_sync_weights_and_survive_a_killed_actor(tmp_path, r
             weights = ray.get(pool.actors[i].weights.remote(sorted(state)), timeout=WAIT_S)
             assert all(torch.equal(weights[k], state[k]) for k in state)
             seen["synced"].append((self.steps_done, i))
-        if self.steps_done == 2:  # kill actor 0 while it plays groups
-            deadline = time.perf_counter() + 30
-            while pool.in_flight[0] == 0 and time.perf_counter() < deadline:
-                time.sleep(0.005)
-            seen["killed_in_flight"] = pool.in_flight[0]
-            ray.kill(pool.actors[0], no_restart=False)  # a crash: Ray restarts it (producer_restarts=1)
-            # Until its lost groups are counted: on a loaded machine Ray can take longer to
-            # notice the death than the two remaining steps take, and a drop counted after
-            # the last step never reaches metrics.jsonl (a race in this test, not a lost count).
-            deadline = time.perf_counter() + 300
-            while self.stream.dropped.get("producer_died", 0) == 0 and time.perf_counter() < deadline:
-                time.sleep(0.005)
+        if self.steps_done == 2:
+            # Kill actor 0 while it plays groups, from a thread of its own: the stream may be
+            # full now, and then no actor plays until the next step takes from it.
+            seen["killer"] = threading.Thread(target=kill_when_busy, args=(pool,), daemon=True)
+            seen["killer"].start()
         seen["pool"] = pool
         return metrics
 
