@@ -85,9 +85,12 @@ def load_vllm_api() -> SimpleNamespace:
         from vllm.inputs import TokensPrompt
     except ImportError:
         TokensPrompt = vllm.TokensPrompt
+    from vllm.platforms import current_platform
+
     return SimpleNamespace(SamplingParams=vllm.SamplingParams, TokensPrompt=TokensPrompt,
                            LoRARequest=LoRARequest, RequestOutputKind=RequestOutputKind,
-                           AsyncEngineArgs=vllm.AsyncEngineArgs, AsyncLLMEngine=vllm.AsyncLLMEngine)
+                           AsyncEngineArgs=vllm.AsyncEngineArgs, AsyncLLMEngine=vllm.AsyncLLMEngine,
+                           on_cpu=current_platform.is_cpu())
 
 
 # ---- pure conversions (tested without vLLM) ---------------------------------------
@@ -104,9 +107,17 @@ def vllm_lora_rank(rank: int) -> int:
 
 
 def engine_args_kwargs(model: str, *, lora: bool, max_lora_rank: int,
-                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The `AsyncEngineArgs` keyword arguments: processed logprobs, LoRA when asked."""
+                       extra: Mapping[str, Any] | None = None, on_cpu: bool = False) -> dict[str, Any]:
+    """The `AsyncEngineArgs` keyword arguments: processed logprobs, LoRA when asked.
+
+    On a CPU, chunked prefill is off: vLLM 0.32 rewinds a seeded request's generator when
+    it drops the token sampled after a partial prefill, which a CPU generator cannot do
+    (`RuntimeError: CPU Generator does not use offset` kills the engine); evaluation's
+    requests are seeded.
+    """
     kwargs: dict[str, Any] = {"model": model, "logprobs_mode": "processed_logprobs"}
+    if on_cpu:
+        kwargs["enable_chunked_prefill"] = False
     if lora:
         kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(max_lora_rank))
     kwargs.update(extra or {})
@@ -267,12 +278,14 @@ class VLLMEngine:
         lora: serve the base model with a LoRA adapter updated by `update_weights`.
         adapter: a saved peft adapter folder to start from (LoRA only; not deleted).
         adapter_root: where new adapter folders go (default: a fresh temporary folder).
-        max_lora_rank: vLLM's `max_lora_rank`.
+        max_lora_rank: the adapters' largest rank (vLLM's `max_lora_rank`, rounded up to a
+            value it accepts).
         stop_token_ids: extra end-of-turn ids (vLLM already stops on the tokenizer's eos
             and the model's generation-config eos ids).
         engine: an already-built vLLM async engine to use instead of building one.
         api: the vLLM names (`load_vllm_api()`); for tests.
-        **engine_kwargs: more `AsyncEngineArgs` (e.g. `gpu_memory_utilization`, `dtype`).
+        **engine_kwargs: more `AsyncEngineArgs` (e.g. `gpu_memory_utilization`, `dtype`; on a
+            CPU, `kv_cache_memory_bytes`: see tests/rollout/test_vllm_real.py).
     """
 
     def __init__(self, model: str, *, policy=None, lora: bool = False, adapter: str | os.PathLike | None = None,
@@ -287,7 +300,8 @@ class VLLMEngine:
         self.model = model
         self.stop_token_ids = list(stop_token_ids or [])
         if engine is None:
-            kwargs = engine_args_kwargs(model, lora=self.lora, max_lora_rank=max_lora_rank, extra=engine_kwargs)
+            kwargs = engine_args_kwargs(model, lora=self.lora, max_lora_rank=max_lora_rank, extra=engine_kwargs,
+                                        on_cpu=getattr(self.api, "on_cpu", False))
             try:
                 args = self.api.AsyncEngineArgs(**kwargs)
             except TypeError as e:

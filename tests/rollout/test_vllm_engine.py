@@ -58,6 +58,7 @@ def test_engine_args_ask_for_processed_logprobs():
                       "max_lora_rank": 16, "dtype": "float16"}
     assert "enable_lora" not in engine_args_kwargs("m", lora=False, max_lora_rank=16)
     assert engine_args_kwargs("m", lora=True, max_lora_rank=4)["max_lora_rank"] == 8  # vLLM takes 1, 8, 16, ...
+    assert engine_args_kwargs("m", lora=False, max_lora_rank=8, on_cpu=True)["enable_chunked_prefill"] is False
     with pytest.raises(ValueError, match="processed_logprobs"):
         engine_args_kwargs("m", lora=False, max_lora_rank=8, extra={"logprobs_mode": "raw_logprobs"})
 

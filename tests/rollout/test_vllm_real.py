@@ -146,6 +146,21 @@ def test_multi_turn_episodes_are_token_exact(engine, hf_model, tokenizer):
     assert report("multi-turn episode logprobs vs a fresh forward pass of the trajectory", diffs) <= TOLERANCE
 
 
+def test_seeded_requests_draw_the_same_whatever_the_batch(engine, tokenizer):
+    """Evaluation's requests carry seeds. 48 of them need several prefill steps (vLLM's
+    default budget is 2,048 tokens a step), where vLLM's CPU build died with chunked
+    prefill on; each seed draws the same turn in either batch order."""
+    prompts = chat_prompts(tokenizer, 48)
+    assert sum(map(len, prompts)) > 2048
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=8, temperature=1.0), seed=1000 + i)
+                for i, p in enumerate(prompts)]
+    forward = run(engine.generate(requests))
+    backward = run(engine.generate(requests[::-1]))[::-1]
+    assert [c.token_ids for c in forward] == [c.token_ids for c in backward]
+    reseeded = run(engine.generate([GenerationRequest(r.prompt_ids, r.params, seed=r.seed + 1) for r in requests]))
+    assert [c.token_ids for c in reseeded] != [c.token_ids for c in forward]
+
+
 def test_full_weight_update_changes_the_outputs_and_resets_the_prefix_cache(engine, tokenizer):
     """The last test of `engine`: it changes its weights. A prompt of several KV blocks,
     asked twice, is served from vLLM's prefix cache the second time; after the update
