@@ -250,6 +250,8 @@ class EvalConfig(Section):
     env_kwargs: dict[str, Any] = Field({"split": "test"}, description="kwargs overriding env.kwargs for evaluation")
     greedy: bool = Field(True, description="also evaluate with greedy decoding")
     before_rl: bool = Field(True, description="evaluate the warm-started policy before RL")
+    every: int = Field(0, ge=0, description="also evaluate every N RL steps during training, for held-out curves "
+                                            "(0: only before and after RL)")
 
 
 class ExItConfig(Section):

@@ -127,6 +127,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                                     "solves sometimes")
                     ctx.logger.log(metrics, ctx.step)
                     ctx.progress.advance("rl", metrics)
+                    if cfg.eval.every and ctx.step % cfg.eval.every == 0 and ctx.step < cfg.train.steps:
+                        # Before the step's checkpoint, which then holds it. Seeded sampling draws
+                        # from its own streams: training goes on exactly as without it.
+                        ctx.results.setdefault("during", {})[str(ctx.step)] = _evaluate(
+                            ctx, ctx.step, f"step_{ctx.step:05d}")
                     checkpoints.poll()  # a failed background save stops the run now, saying why
                     if ctx.step % cfg.train.save_every == 0:
                         save(ctx, checkpoints, steps)
