@@ -102,6 +102,7 @@ class Parallel:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             # The other ranks wait in a collective while rank 0 evaluates: a generous timeout.
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            destroy_process_group_at_exit()
         if backend == "deepspeed":
             return cls(rank=dist.get_rank(), world=dist.get_world_size(), backend="deepspeed", zero_stage=zero_stage)
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), backend="fsdp2")
@@ -326,10 +327,24 @@ class Parallel:
 
     def close(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
+            _destroy_process_group()
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the process group while the interpreter is still whole. A gloo group left to
+    the interpreter's teardown can abort its process (SIGABRT, "terminate called without an
+    active exception": its worker threads drop tensors once Python is gone) after a run that
+    succeeded, and the launcher then fails the whole job."""
+    import atexit
+
+    atexit.register(_destroy_process_group)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

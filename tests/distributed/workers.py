@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 # Imported before a supervisor forks its writers, so each trial's writer starts at once.
+from looprl.train.parallel import destroy_process_group_at_exit
 from looprl.train.sharded_checkpoint import ShardedCheckpointer, load
 
 IN, OUT, ROWS = 7, 5, 8  # ROWS: the global batch, split across ranks
@@ -76,6 +77,7 @@ def _setup(store=None, rank=None):
         dist.init_process_group("gloo")
     else:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    destroy_process_group_at_exit()
     return dist.get_rank(), dist.get_world_size(), init_device_mesh("cpu", (dist.get_world_size(),))
 
 
