@@ -98,9 +98,10 @@ class RolloutConfig(Section):
     max_batch_size: int = Field(128, gt=0, description="the most sequences in one generate call")
     prefix_cache: bool = Field(
         True, description="keep each episode's keys/values between its turns, feeding only new tokens (hf engine)")
-    turn_wait_s: float = Field(
-        1.0, ge=0, description="the longest a batch waits for episodes in a tool call (hf engine); runs reproduce "
-                               "exactly while every tool call returns within it")
+    turn_wait_s: float | None = Field(
+        None, ge=0, description="the longest a batch waits for episodes in a tool call (hf engine). None: as long "
+                                "as they take, so runs reproduce exactly on a loaded machine; a number (for slow "
+                                "tools): runs reproduce only while every tool call returns within it")
     context_window: int | None = Field(
         None, ge=1, description="recent turns kept in the agent's context; longer episodes train as chunks (None: all)")
     mode: Literal["sync", "async"] = Field(

@@ -11,9 +11,10 @@ processors), which is what the PPO ratio needs.
 Batching is turn-level and continuous: while a batch generates, new requests queue;
 when it ends, the next batch is taken from everything queued (oldest first, one set of
 sampling params per batch, at most `max_batch_size` rows). Before taking a batch the
-engine waits, up to `turn_wait_s`, for the episodes that are away in an environment call
-(see `looprl.rollout.turns`), so that with fast tools a batch holds one turn of every
-live episode and runs reproduce exactly.
+engine waits for the episodes that are away in an environment call (see
+`looprl.rollout.turns`), so that a batch holds one turn of every live episode and runs
+reproduce exactly, however loaded the machine; `turn_wait_s` bounds that wait for slow
+tools, at the price of batches that depend on timing.
 
 Seeded requests (evaluation's): a request with a `seed` samples from a stream of its own,
 one uniform per token drawn from a CPU generator seeded with it, at which the row's CDF is
@@ -186,9 +187,11 @@ class HFEngine:
             then `update_weights()` only bumps the version.
         tokenizer: its tokenizer (for the pad id and stop ids).
         max_batch_size: the most sequences in one `generate` call.
-        turn_wait_s: the longest a batch waits for an episode that has made no progress
-            (is in an environment call); slower calls no longer hold the others back,
-            but then which batch a turn lands in depends on timing.
+        turn_wait_s: None (the default): a batch waits for every live episode in an
+            environment call, so batches depend on the episodes alone and a run
+            reproduces on a loaded machine. A number: the longest a batch waits for an
+            episode that has made no progress; slower calls no longer hold the others
+            back (for slow tools), but then which batch a turn lands in depends on timing.
         prefix_cache: keep each live episode's keys and values between its turns (see
             the module doc), decoding with the engine's own loop; False decodes
             through `model.generate`. Runs with and without it sample from the same
@@ -196,11 +199,11 @@ class HFEngine:
             not always the same tokens.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 64, turn_wait_s: float = 1.0,
+    def __init__(self, model, tokenizer, max_batch_size: int = 64, turn_wait_s: float | None = None,
                  prefix_cache: bool = True):
         if max_batch_size <= 0:
             raise ValueError(f"Expect `max_batch_size` to be positive, actually: {max_batch_size}")
-        if turn_wait_s < 0:
+        if turn_wait_s is not None and turn_wait_s < 0:
             raise ValueError(f"Expect `turn_wait_s` to be >= 0, actually: {turn_wait_s}")
         self.model = model
         self.device = next(model.parameters()).device  # every tensor of a batch is created or moved there
@@ -277,8 +280,12 @@ class HFEngine:
             await asyncio.sleep(0)
             held = time.perf_counter()
             await board.settle(self.turn_wait_s, skip=served)
+            batch = self._take_batch(skip=served)
+            if not batch:  # only the episodes just answered are left
+                if self.turn_wait_s is None:  # all of them, not the ones whose call happened to return first
+                    await board.settle(None)
+                batch = self._take_batch()
             self.stats["hold_s"] += time.perf_counter() - held
-            batch = self._take_batch(skip=served) or self._take_batch()
             now = loop.time()
             self.stats["queue_wait_s"] += sum(now - item.arrived for item in batch)
             try:

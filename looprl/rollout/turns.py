@@ -15,11 +15,14 @@ the episodes instead of on the clock:
   turn was answered (rows of a batch in order). Requests made outside an episode get a
   ticket when they arrive. The engine serves pending requests in ticket order.
 - Before it takes a batch the engine waits (`settle`) until every live episode is
-  waiting for a turn, ended, or has made no progress for `wait_s` (an environment call
-  that slow no longer holds the others back).
+  waiting for a turn or ended (`wait_s=None`, the default: batches depend on the
+  episodes alone, so a run reproduces on a loaded machine), or has made no progress for
+  `wait_s` seconds (clocked: an environment call that slow no longer holds the others
+  back, but then which batch a turn lands in depends on timing).
 
-While every environment call takes less than `wait_s`, batches are exactly what they
-were when environment calls ran on the loop: the same episodes, in the same rows.
+Without a clock, or while every environment call takes less than `wait_s`, batches are
+exactly what they were when environment calls ran on the loop: the same episodes, in
+the same rows.
 
 The board belongs to one event loop (`turn_board()`); the running episode is found
 through a context variable (`current_episode()`), which each asyncio task has its own
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -103,18 +107,26 @@ class TurnBoard:
             episode.ticket, episode.since = self.ticket(), _now()
             self._busy.add(episode)
 
-    async def settle(self, wait_s: float, skip: Collection[EpisodeTurn] = ()) -> None:
-        """Wait until no busy episode outside `skip` has made progress in the last `wait_s`."""
+    def busy(self, skip: Collection[EpisodeTurn] = ()) -> bool:
+        """Whether an episode outside `skip` is busy (in an environment call)."""
+        return any(e not in skip for e in self._busy)
+
+    async def settle(self, wait_s: float | None, skip: Collection[EpisodeTurn] = ()) -> None:
+        """Wait until no busy episode outside `skip` has made progress in the last `wait_s`
+        (None: until no episode outside `skip` is busy, however long its call takes)."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            due = [e.since + wait_s for e in self._busy if e not in skip and e.since + wait_s > now]
+            if wait_s is None:
+                due = [math.inf] if self.busy(skip) else []
+            else:
+                due = [e.since + wait_s for e in self._busy if e not in skip and e.since + wait_s > now]
             if not due:
                 return
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, min(due) - now)
+                await asyncio.wait_for(waiter, None if wait_s is None else min(due) - now)
             except TimeoutError:
                 pass
 

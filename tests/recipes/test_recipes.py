@@ -23,9 +23,9 @@ def tiny_recipe(tmp_path, **sections):
         # Operands of 1-2 and 80 SFT steps: the policy succeeds ~15% of the time, so
         # groups have reward variance and the policy gradient is not zero.
         "env": {"id": "looprl/Calc-v0", "kwargs": {"max_operand": 2}, "max_tokens": 192},
-        # Tests compare runs bit for bit, which holds only while every tool call returns
-        # before the engine stops waiting for it (1 s by default): a loaded machine can be slower.
-        "rollout": {"tasks_per_step": 6, "group_size": 4, "max_new_tokens": 24, "turn_wait_s": 60.0},
+        # Tests compare runs bit for bit: the default `turn_wait_s` (None) batches by the
+        # episodes, not by a clock, so that holds on a loaded machine too.
+        "rollout": {"tasks_per_step": 6, "group_size": 4, "max_new_tokens": 24},
         "algorithm": {"epochs": 2, "minibatch_size": 4},
         # No weight decay: any change to the weights comes from the policy gradient.
         "optim": {"lr": 1e-2, "grad_clip": 1.0, "weight_decay": 0.0},

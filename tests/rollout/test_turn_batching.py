@@ -92,9 +92,11 @@ def play_four(model, tokenizer, turn_wait_s, hold, on_done=lambda k: None):
     return asyncio.run(run()), slow.ended
 
 
-def test_a_slow_tool_holds_the_batch_while_turn_wait_s_lasts(model, tokenizer):
-    """With a wait longer than the slow step, every episode's next turn waits for it."""
-    played, slow_ended = play_four(model, tokenizer, turn_wait_s=60.0, hold=lambda: time.sleep(0.3))
+@pytest.mark.parametrize("turn_wait_s, hold_s", [(60.0, 0.3), (None, 1.5)])
+def test_a_slow_tool_holds_the_batch_while_turn_wait_s_lasts(model, tokenizer, turn_wait_s, hold_s):
+    """With a wait longer than the slow step, or none at all (the default: as long as the
+    step takes, here longer than the clocked default of old), every episode's next turn waits for it."""
+    played, slow_ended = play_four(model, tokenizer, turn_wait_s=turn_wait_s, hold=lambda: time.sleep(hold_s))
     assert [n for n, _ in played] == [3] * 4
     assert all(end > slow_ended for _, end in played[1:])
 
