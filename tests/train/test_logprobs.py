@@ -65,7 +65,9 @@ def grads(model, fn):
 def assert_same_grads(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys() and got
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+        # float32 sums in another order: on some CPUs (their kernels' order) an element of
+        # the tied embedding's gradient lands 1.5e-6 away; a wrong gradient is off by 1e-3 or more.
+        torch.testing.assert_close(got[name], expected[name], atol=5e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
