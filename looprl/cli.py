@@ -50,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="run or checkpoint folders, models (with --env), and env kwargs as key=value "
                         "(e.g. difficulty=1), which override the run's")
     p.add_argument("--model", help="one more target (looprl/tiny, HF model id or folder, run or checkpoint)")
-    p.add_argument("--env", help="environment id, e.g. looprl/Calc-v0 (default: the run's)")
-    p.add_argument("--episodes", type=int, help="held-out tasks, seeds 0..N-1 (default: the run's eval.episodes, or 100)")
+    p.add_argument("--env", action="append",
+                   help="environment id, e.g. looprl/Calc-v0 (default: the run's); repeat it to evaluate every "
+                        "target on each environment (one table row per target, environment and mode)")
+    p.add_argument("--episodes", type=int,
+                   help="held-out tasks, seeds 0..N-1 (default: the run's eval.episodes, or 100); a finite dataset "
+                        "plays each of its rows once, at most this many (a model's default: every row)")
     p.add_argument("--split", help="task split (default: the run's eval kwargs, or test)")
     p.add_argument("--temperature", type=float,
                    help="one mode at this temperature, 0: greedy (default: the run's sampled and greedy modes, or 1)")
@@ -191,11 +195,15 @@ def _eval(args) -> int:
         raise ValueError("Expect something to evaluate: looprl eval RUN_OR_CHECKPOINT..., or --model M --env E")
     if args.engine != "hf" and len(sources) > 1:
         raise ValueError(f"--engine {args.engine} evaluates one model, actually {len(sources)} targets")
-    options = {"env": args.env, "episodes": args.episodes, "max_new_tokens": args.max_new_tokens,
+    envs = args.env or [None]
+    if len(set(envs)) != len(envs):
+        raise ValueError(f"Expect each --env once, actually: {', '.join(args.env)}")
+    options = {"episodes": args.episodes, "max_new_tokens": args.max_new_tokens,
                "max_tokens": args.max_tokens, "temperature": args.temperature, "split": args.split,
                "max_batch_size": args.max_batch_size}
     env_kwargs = _env_kwargs([t for t in args.targets if "=" in t])
-    targets = [resolve_target(source, options, env_kwargs) for source in sources]
+    by_source = [[resolve_target(source, {**options, "env": env}, env_kwargs) for env in envs] for source in sources]
+    targets = [t for of_source in by_source for t in of_source]
     reports = [(t, mode) for t in targets for mode in t.modes]
     if args.out and len(reports) > 1:
         raise ValueError(f"--out names one report, but {len(reports)} would be written (targets x modes): drop it "
@@ -205,15 +213,21 @@ def _eval(args) -> int:
                          "sampled and greedy)")
     baseline = _read_baseline(args.baseline, targets) if args.baseline else None
     torch.set_num_threads(args.threads)
-    rows = []
     for target in targets:
-        engine, tokenizer = _eval_engine(args, target)
-        for mode, temperature in target.modes.items():
-            report = _evaluate_mode(engine, tokenizer, target, mode, ks, samples, baseline)
-            out = Path(args.out) if args.out else target.report_path(mode)
-            write_text_atomic(out, json.dumps(report, indent=2))  # it may be another run's --baseline
-            rows.append((target.label, mode, report, out))
-    (console if console.is_terminal else Console(width=200)).print(_eval_table(rows, ks))  # piped: not cut at 80
+        if target.rows is not None:
+            s = target.settings
+            console.print(f"{target.label}: {s['env_id']} {s['env_kwargs']} is a dataset of {target.rows} rows: "
+                          f"playing {s['episodes']} of them, each once", soft_wrap=True)
+    rows = []
+    for of_source in by_source:
+        engine, tokenizer = _eval_engine(args, of_source[0])  # one policy, loaded once for all its environments
+        for target in of_source:
+            for mode in target.modes:
+                report = _evaluate_mode(engine, tokenizer, target, mode, ks, samples, baseline)
+                out = Path(args.out) if args.out else target.report_path(mode)
+                write_text_atomic(out, json.dumps(report, indent=2))  # it may be another run's --baseline
+                rows.append((target.label, mode, report, out))
+    (console if console.is_terminal else Console(width=320)).print(_eval_table(rows, ks))  # piped: not cut at 80
     for _, _, _, out in rows:
         console.print(f"report: {out}", soft_wrap=True)  # a path stays whole, to copy
     return 0
@@ -253,18 +267,19 @@ def _eval_table(rows, ks: list[int]) -> Table:
     from looprl.train.evaluate import describe_change
 
     table = Table(title="held-out evaluation (success: 95% Wilson interval; pass@k: unbiased estimator)")
-    for column in ("target", "mode", "tasks x samples", "success [95% CI]", *(f"pass@{k}" for k in ks),
-                   *(f"pass^{k}" for k in ks), "return", "turns", "tokens", "lost"):
+    for column in ("target", "env", "mode", "tasks x samples", "success [95% CI]", *(f"pass@{k}" for k in ks),
+                   *(f"pass^{k}" for k in ks), "return", "turns", "tokens", "tool errors", "lost"):
         table.add_column(column)
     changes = any("change" in r for _, _, r, _ in rows)
     if changes:
         table.add_column("change from baseline")
     for label, mode, r, _ in rows:
         low, high = r["success_ci95"]
-        cells = [label, f"{mode} (T={r['temperature']:g})", f"{r['tasks']} x {r['samples']}",
-                 f"{r['success_rate']:.1%} [{low:.1%}, {high:.1%}]",
+        cells = [label, r["env"] + (f" ({r['split']})" if r["split"] else ""), f"{mode} (T={r['temperature']:g})",
+                 f"{r['tasks']} x {r['samples']}", f"{r['success_rate']:.1%} [{low:.1%}, {high:.1%}]",
                  *(f"{r['pass_at_k'][k]:.1%}" for k in ks), *(f"{r['pass_hat_k'][k]:.1%}" for k in ks),
-                 f"{r['mean_return']:.3g}", f"{r['mean_turns']:.2f}", f"{r['mean_tokens']:.1f}", str(r["lost_episodes"])]
+                 f"{r['mean_return']:.3g}", f"{r['mean_turns']:.2f}", f"{r['mean_tokens']:.1f}",
+                 f"{r['tool_error_rate']:.1%}", str(r["lost_episodes"])]
         table.add_row(*cells, *([describe_change(r["change"]) if "change" in r else "-"] if changes else []))
     return table
 

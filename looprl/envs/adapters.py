@@ -528,6 +528,10 @@ class DatasetEnv(ToolEnv):
     def task(self) -> DatasetTask:
         return super().task  # type: ignore[return-value]
 
+    def task_ids(self) -> list[str]:
+        """The ids of the split's rows, in file order."""
+        return [r.task_id for r in self.rows]
+
     def _generate_task(self, rng: np.random.Generator) -> DatasetTask:
         return self.rows[int(rng.integers(len(self.rows)))]
 

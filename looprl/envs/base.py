@@ -119,6 +119,12 @@ class ToolEnv(gymnasium.Env[str, str], ABC):
     def oracle_action(self) -> str:
         """The scripted expert's next action for the current state (also after a replay)."""
 
+    def task_ids(self) -> list[str] | None:
+        """Every task this environment poses, in order, when its tasks are a finite
+        dataset (`looprl eval` then plays each once, by id); None when tasks are
+        generated from seeds, as by default."""
+        return None
+
     def _end_episode(self, reward: float, success: bool) -> None:
         """Called by a tool to end the episode (terminated) with `reward` for this turn."""
         self._reward += reward

@@ -16,7 +16,7 @@ from typing import Any
 from looprl.config import RunConfig, from_dict
 from looprl.envs import make_env
 from looprl.train.any_checkpoint import find_any_checkpoint, verify_checkpoint
-from looprl.train.evaluate import eval_modes, eval_settings
+from looprl.train.evaluate import dataset_rows, eval_modes, eval_settings
 
 # Without a run config: what `looprl eval --model M --env E` plays.
 DEFAULTS = {"episodes": 100, "max_new_tokens": 64, "max_tokens": 1024, "temperature": 1.0, "split": "test",
@@ -36,6 +36,8 @@ class EvalTarget:
         modes: mode name -> temperature.
         engine: `HFEngine` keyword arguments (batch size, turn wait, prefix cache).
         report_dir: where its reports go by default (None: the current folder).
+        rows: the environment's dataset rows, when its tasks are a finite dataset (each is
+            played once, the first `settings["episodes"]` of them); None: generated tasks.
     """
 
     source: str
@@ -46,6 +48,7 @@ class EvalTarget:
     modes: dict[str, float]
     engine: dict[str, Any]
     report_dir: Path | None
+    rows: int | None = None
 
     def report_path(self, mode: str) -> Path:
         env, split = self.settings["env_id"].replace("/", "_"), self.settings["env_kwargs"].get("split", "all")
@@ -100,7 +103,12 @@ def resolve_target(source: str, options: dict[str, Any], env_kwargs: dict[str, A
         modes = {mode_name(temperature): temperature}
     engine["max_batch_size"] = given.get("max_batch_size", engine.get("max_batch_size", DEFAULTS["max_batch_size"]))
     make_env(settings["env_id"], **settings["env_kwargs"]).close()  # a bad id or kwarg: fail before loading models
-    return EvalTarget(source, label, checkpoint, cfg, settings, modes, engine, report_dir)
+    rows = dataset_rows(settings["env_id"], settings["env_kwargs"])
+    if rows is not None:  # each row once, as the run's own evaluation plays them; a model's default: all rows
+        asked = settings["episodes"] if "episodes" in given or cfg is not None else len(rows)
+        settings["episodes"] = min(asked, len(rows))
+    return EvalTarget(source, label, checkpoint, cfg, settings, modes, engine, report_dir,
+                      None if rows is None else len(rows))
 
 
 def checkpoint_config(checkpoint: Path) -> RunConfig:

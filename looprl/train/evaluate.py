@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from looprl.envs import make_env
+from looprl.envs import ToolEnv, make_env
+from looprl.envs.wrappers import RecordToolErrors
 from looprl.rollout.collect import EpisodePlayer, FaultPolicy
 from looprl.rollout.engine import InferenceEngine, SamplingParams
 from looprl.train.metrics import read_jsonl, write_text_atomic
@@ -37,6 +38,9 @@ def evaluate_episodes(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Play `samples` episodes on each of seeds 0..N-1 (the same tasks every time); one record each.
 
+    An environment whose tasks are a finite dataset (`ToolEnv.task_ids`) plays its rows
+    instead, each once: seed i poses row i, for the first min(N, rows) rows.
+
     Each episode samples from its own stream, `stream_seed(sampling_seed, seed, sample)`
     (see `EpisodePlayer`): its outcome does not depend on the engine's batch size, on the
     other episodes played with it or on `episodes`, two policies are compared on the same
@@ -53,17 +57,30 @@ def evaluate_episodes(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     player = EpisodePlayer(engine, tokenizer, lambda: make_env(env_id, **env_kwargs), params, max_tokens=max_tokens,
                            context_window=context_window, faults=faults, concurrency=concurrency,
-                           sampling_seed=sampling_seed)
-    seeds = list(range(episodes))
+                           sampling_seed=sampling_seed, wrap=RecordToolErrors, observe=RecordToolErrors.counts)
+    rows = dataset_rows(env_id, env_kwargs)
+    seeds = list(range(episodes if rows is None else min(episodes, len(rows))))
+    options = None if rows is None else [{"task": rows[s]} for s in seeds]
     with torch.random.fork_rng(devices=[]):  # nothing evaluation does moves the run's random stream
-        collection = player.collect(seeds, samples)
+        collection = player.collect(seeds, samples, reset_options=options)
     played = {g.seed for g in collection.groups}
     last_failure = {f.seed: f.error for f in collection.failures}
     lost = [{"seed": s, "reason": last_failure[s].reason, "detail": last_failure[s].detail}
             for s in seeds if s not in played]
-    records = [episode_record(g.seed, episode, tokenizer) | {"sample": k}
+    records = [episode_record(g.seed, episode, tokenizer) | g.observed[k] | {"sample": k}
                for g in collection.groups for k, episode in enumerate(g.episodes)]
     return records, lost
+
+
+def dataset_rows(env_id: str, env_kwargs: dict[str, Any]) -> list[str] | None:
+    """The task ids of an environment whose tasks are a finite dataset (`ToolEnv.task_ids`),
+    in order; None when its tasks are generated from seeds (or it is not a `ToolEnv`)."""
+    env = make_env(env_id, **env_kwargs)
+    try:
+        base = env.unwrapped
+        return base.task_ids() if isinstance(base, ToolEnv) else None
+    finally:
+        env.close()
 
 
 def eval_settings(cfg) -> dict[str, Any]:
@@ -113,10 +130,12 @@ def transcript(episode: Trajectory | Episode, tokenizer) -> list[dict[str, str]]
 
 
 def summarize(records: Sequence[dict[str, Any]], lost: int = 0) -> dict[str, float]:
-    """Success (with its standard error), return, turns, tokens over the played episodes;
+    """Success (with its standard error), return, turns, tokens and the tool-error rate (the
+    share of tool results that were errors, 0 if no tool ran) over the played episodes;
     `lost_episodes` counts the episodes lost to their environment, which are not in them."""
     n = len(records)
     success = sum(r["success"] for r in records) / n
+    results = sum(r["tool_results"] for r in records)
     return {
         "episodes": n,
         "lost_episodes": lost,
@@ -126,6 +145,7 @@ def summarize(records: Sequence[dict[str, Any]], lost: int = 0) -> dict[str, flo
         "mean_turns": sum(r["turns"] for r in records) / n,
         "mean_tokens": sum(r["tokens"] for r in records) / n,
         "truncated_frac": sum(r["truncated"] for r in records) / n,
+        "tool_error_rate": sum(r["tool_errors"] for r in records) / results if results else 0.0,
     }
 
 

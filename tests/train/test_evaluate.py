@@ -12,7 +12,8 @@ from looprl.train.evaluate import describe_change, paired_change, sign_test, sum
 
 def records(outcomes, tasks=None):
     return [{"seed": i, "task_id": (tasks or {}).get(i, f"t{i}"), "success": ok, "return": float(ok),
-             "turns": 2, "tokens": 10, "truncated": False} for i, ok in enumerate(outcomes)]
+             "turns": 2, "tokens": 10, "truncated": False, "tool_results": 2, "tool_errors": i % 2}
+            for i, ok in enumerate(outcomes)]
 
 
 def brute_sign_test(a: int, b: int) -> float:
@@ -58,6 +59,7 @@ def test_evaluations_of_different_tasks_do_not_pair():
 def test_summarize_reads_records():
     summary = summarize(records([True, False, False, True]))
     assert summary["episodes"] == 4 and summary["success_rate"] == 0.5
+    assert summary["tool_error_rate"] == 2 / 8  # 2 errors in 8 tool results
     assert summary["success_stderr"] == pytest.approx(0.25) and summary["mean_return"] == 0.5
 
 
