@@ -234,6 +234,12 @@ class TrainConfig(Section):
     max_seconds: float | None = Field(None, gt=0, description="stop RL after this long (None: run all steps)")
     save_every: int = Field(25, gt=0, description="checkpoint every N RL steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints to keep")
+    keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple of N, forever, "
+                                                 "beyond the newest keep_checkpoints (0: none; a multiple of "
+                                                 "save_every, as only those steps are saved)")
+    log_every: int = Field(10, ge=0, description="write a progress line (s/step, episodes/s, ETA) to <run "
+                                                 "folder>/train.log every N RL steps, and to stderr when it is "
+                                                 "not a terminal (0: never)")
     backend: Literal["auto", "single", "fsdp2", "deepspeed"] = Field(
         "auto", description="data parallelism: auto (fsdp2 under a launcher with more than one process, else "
         "single), single (one process), fsdp2 (FSDP2 sharding over torchrun/accelerate processes) or deepspeed "
@@ -244,6 +250,13 @@ class TrainConfig(Section):
     sequence_parallel: int = Field(
         1, ge=1, description="ranks that split each row's sequence (DeepSpeed-Ulysses attention, looprl.train.ulysses); "
         "the processes form blocks of this many, each block one data-parallel share (1: no split)")
+
+    @model_validator(mode="after")
+    def _keep_every_is_saved(self) -> "TrainConfig":
+        if self.keep_every % self.save_every:
+            raise ValueError(f"Expect train.keep_every to be a multiple of train.save_every ({self.save_every}), "
+                             f"as only those steps are saved, actually: {self.keep_every}")
+        return self
 
 
 class EvalConfig(Section):

@@ -337,10 +337,14 @@ def _write_checkpoint(directory: Path, snapshot: _Snapshot) -> Path:
     return final
 
 
-def prune_checkpoints(directory: Path, keep_last: int | None) -> None:
+def prune_checkpoints(directory: Path, keep_last: int | None, keep_every: int | None = None) -> None:
+    """Deletes all but the newest `keep_last` complete checkpoints (None: keeps all), and
+    keeps, in addition, every one whose step is a multiple of `keep_every` (None: none)."""
     if keep_last is None:
         return
     for path in step_folders(directory)[:-keep_last]:
+        if keep_every is not None and int(_STEP_DIR.fullmatch(path.name)["step"]) % keep_every == 0:
+            continue
         doomed = path.with_name(f".tmp-delete-{path.name}-{os.getpid()}")
         try:
             os.rename(path, doomed)  # atomic: a kill mid-delete leaves a leftover, not a broken step_*
@@ -348,6 +352,13 @@ def prune_checkpoints(directory: Path, keep_last: int | None) -> None:
             warnings.warn(f"could not remove old checkpoint {path} (keep_last={keep_last}): {exc}")
             continue
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def check_keep(keep_last: int | None, keep_every: int | None) -> None:
+    """Fails unless `keep_last` and `keep_every` are each None or an int >= 1."""
+    for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
 
 # ------------------------------------------------------------------------ reading
@@ -471,16 +482,17 @@ class CheckpointManager:
     Args:
         directory: Where the ``step_*`` checkpoints go; created if missing.
         keep_last: How many complete checkpoints to keep (the newest); None keeps all.
+        keep_every: Also keep, forever, every checkpoint whose step is a multiple of this
+            (None: only the newest `keep_last`).
 
     Raises:
-        ValueError: If ``keep_last`` is not None or a positive int.
+        ValueError: If ``keep_last`` or ``keep_every`` is not None or a positive int.
     """
 
-    def __init__(self, directory: str | Path, keep_last: int | None = 3):
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+    def __init__(self, directory: str | Path, keep_last: int | None = 3, keep_every: int | None = None):
+        check_keep(keep_last, keep_every)
         self.directory = Path(directory)
-        self.keep_last = keep_last
+        self.keep_last, self.keep_every = keep_last, keep_every
         self.directory.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.directory)
         self._thread: threading.Thread | None = None
@@ -532,7 +544,7 @@ class CheckpointManager:
         except BaseException as exc:  # raised by the caller, or by wait() for a thread
             self._failure = (snapshot.step, exc)
             return
-        prune_checkpoints(self.directory, self.keep_last)
+        prune_checkpoints(self.directory, self.keep_last, self.keep_every)
 
     def _write_in_background(self, snapshot: _Snapshot) -> None:
         self._write(snapshot)

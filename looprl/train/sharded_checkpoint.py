@@ -72,6 +72,7 @@ from looprl.train.checkpoint import (
     MANIFEST_HASH,
     CheckpointError,
     capture_rng_state,
+    check_keep,
     clean_leftovers,
     fsync_dir,
     prune_checkpoints,
@@ -290,16 +291,17 @@ class ShardedCheckpointer:
     Args:
         directory: Where the ``step_*`` checkpoints go (shared by the ranks); created if missing.
         keep_last: How many complete checkpoints to keep (the newest); None keeps all.
+        keep_every: Also keep, forever, every checkpoint whose step is a multiple of this
+            (None: only the newest `keep_last`); the pruning is `CheckpointManager`'s.
 
     Raises:
-        ValueError: If ``keep_last`` is not None or an int >= 1.
+        ValueError: If ``keep_last`` or ``keep_every`` is not None or an int >= 1.
     """
 
-    def __init__(self, directory: str | Path, keep_last: int | None = None):
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+    def __init__(self, directory: str | Path, keep_last: int | None = None, keep_every: int | None = None):
+        check_keep(keep_last, keep_every)
         self.directory = Path(directory)
-        self.keep_last = keep_last
+        self.keep_last, self.keep_every = keep_last, keep_every
         distributed = dist.is_initialized()
         self._rank, self._world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self._group = dist.new_group(backend="gloo") if distributed else None
@@ -375,7 +377,7 @@ class ShardedCheckpointer:
             if self._rank == 0:
                 _write_manifest(tmp, step, self._world, extra)
                 publish_folder(tmp, self.directory / f"step_{step:08d}")
-                prune_checkpoints(self.directory, self.keep_last)
+                prune_checkpoints(self.directory, self.keep_last, self.keep_every)
         except BaseException as exc:  # raised by poll() / wait()
             self._failure = (step, tmp, exc)
             if self._rank == 0:

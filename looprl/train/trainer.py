@@ -41,6 +41,7 @@ from looprl.train.metrics import MetricsLogger, init_wandb, write_text_atomic
 from looprl.train.models import merge_lora
 from looprl.train.parallel import rng_to_json
 from looprl.train.policy import load_trainable_state, trainable_state
+from looprl.train.progress_log import ProgressLog, stderr_if_not_a_terminal
 from looprl.train.recipes import Interrupted, RecipeEntry, select_recipe
 from looprl.train.resume import apply_optimizer_settings
 from looprl.train.sft import expert_pool, run_sft
@@ -108,6 +109,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
             save(ctx, checkpoints, steps)  # step 0 again, now with the warm start's evaluation
         start, idle = time.perf_counter(), 0
         ctx.progress.start("rl", cfg.train.steps, completed=ctx.step)
+        progress_log = ProgressLog(ctx.run_dir / "train.log", cfg.train.steps,
+                                   cfg.train.log_every if ctx.parallel.is_main else 0, start_step=ctx.step,
+                                   echo=stderr_if_not_a_terminal())
         with GracefulStop() as ctx.stop:
             try:
                 while ctx.step < cfg.train.steps and not _agreed_stop(ctx):
@@ -127,6 +131,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                                     "solves sometimes")
                     ctx.logger.log(metrics, ctx.step)
                     ctx.progress.advance("rl", metrics)
+                    progress_log.step(ctx.step, metrics)
                     if cfg.eval.every and ctx.step % cfg.eval.every == 0 and ctx.step < cfg.train.steps:
                         # Before the step's checkpoint, which then holds it. Seeded sampling draws
                         # from its own streams: training goes on exactly as without it.
@@ -233,10 +238,11 @@ def _checkpointer(ctx: RunContext) -> CheckpointManager | NoCheckpoints | sharde
     `ShardedCheckpointer` on every rank, whose snapshot the recipes' updates wait for
     before their next optimizer step (`ctx.before_optimizer_step`); with DeepSpeed, rank 0's
     `CheckpointManager` (the other ranks only help gather the state)."""
-    directory, keep = ctx.run_dir / "checkpoints", ctx.cfg.train.keep_checkpoints
+    directory, keep = ctx.run_dir / "checkpoints", {"keep_last": ctx.cfg.train.keep_checkpoints,
+                                                     "keep_every": ctx.cfg.train.keep_every or None}
     if not ctx.parallel.sharded_checkpoints:
-        return CheckpointManager(directory, keep_last=keep) if ctx.parallel.is_main else NoCheckpoints()
-    checkpoints = sharded_checkpoint.ShardedCheckpointer(directory, keep_last=keep)
+        return CheckpointManager(directory, **keep) if ctx.parallel.is_main else NoCheckpoints()
+    checkpoints = sharded_checkpoint.ShardedCheckpointer(directory, **keep)
     ctx.before_optimizer_step = checkpoints.wait_staged
     return checkpoints
 

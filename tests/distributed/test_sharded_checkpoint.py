@@ -156,6 +156,17 @@ def test_keep_last_and_latest(saved):
         assert CheckpointManager(saved).latest() is None
 
 
+def test_keep_every_keeps_those_steps_beside_the_newest(tmp_path):
+    model = workers.build_model()
+    optimizer = workers.build_optimizer(model)
+    checkpointer = ShardedCheckpointer(tmp_path, keep_last=1, keep_every=2)
+    for step in (1, 2, 3, 4, 5):
+        checkpointer.save(step, model, optimizer, extra={"step": step})
+        checkpointer.wait_staged()
+    checkpointer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000004", "step_00000005"]
+
+
 def test_load_restores_rng_in_the_same_world_size(saved):
     torch.manual_seed(123)
     model = workers.build_model()

@@ -194,6 +194,24 @@ def test_keep_last_prunes_oldest(tmp_path):
         CheckpointManager(tmp_path, keep_last=0)
 
 
+def test_keep_every_keeps_those_steps_forever_beside_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=3)
+    for step in range(0, 9):
+        manager.save(step, model_state={"w": torch.full((2,), float(step))})
+    manager.wait()
+    assert [p.name for p in manager.list()] == [f"step_{s:08d}" for s in (0, 3, 6, 7, 8)]
+    with pytest.raises(ValueError, match="keep_every must be None or an int >= 1, got 0"):
+        CheckpointManager(tmp_path, keep_every=0)
+
+
+def test_keep_every_must_be_a_saved_step():
+    from looprl.config import load_config
+
+    assert load_config(None, ["train.save_every=5", "train.keep_every=20"]).train.keep_every == 20
+    with pytest.raises(ValueError, match=r"Expect train.keep_every to be a multiple of train.save_every \(5\)"):
+        load_config(None, ["train.save_every=5", "train.keep_every=12"])
+
+
 def test_resaving_a_step_replaces_it(tmp_path):
     manager = CheckpointManager(tmp_path)
     manager.save(3, model_state={"w": torch.zeros(2)}, blocking=True)
