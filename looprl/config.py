@@ -238,8 +238,8 @@ class TrainConfig(Section):
                                                  "beyond the newest keep_checkpoints (0: none; a multiple of "
                                                  "save_every, as only those steps are saved)")
     log_every: int = Field(10, ge=0, description="write a progress line (s/step, episodes/s, ETA) to <run "
-                                                 "folder>/train.log every N RL steps, and to stderr when it is "
-                                                 "not a terminal (0: never)")
+                                                 "folder>/train.log every N RL steps, and with progress on to "
+                                                 "stderr when it is not a terminal (0: never)")
     backend: Literal["auto", "single", "fsdp2", "deepspeed"] = Field(
         "auto", description="data parallelism: auto (fsdp2 under a launcher with more than one process, else "
         "single), single (one process), fsdp2 (FSDP2 sharding over torchrun/accelerate processes) or deepspeed "

@@ -34,13 +34,14 @@ class RecordToolErrors(gymnasium.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
+        result = self.env.step(action)  # returned as it is: `check_step` judges it, garbage included
+        info = result[-1] if isinstance(result, tuple) and len(result) == 5 else None
         messages = info.get("messages") if isinstance(info, dict) else None
-        if isinstance(messages, list):  # anything else is garbage that `check_step` reports as such
+        if isinstance(messages, list):
             self.tool_results += len(messages)
             self.tool_errors += sum(isinstance(m, dict) and str(m.get("content", "")).startswith(ERROR_PREFIX)
                                     for m in messages)
-        return obs, reward, terminated, truncated, info
+        return result
 
     def counts(self) -> dict[str, int]:
         """`{"tool_results", "tool_errors"}` of the episode so far."""

@@ -2,7 +2,7 @@
 
 The rich display draws nothing useful when its output goes to a file (a run under `nohup` or
 a scheduler printed nothing for 16 minutes). `ProgressLog` appends one line per N steps to
-`<run folder>/train.log`, and echoes it to stderr when that is not a terminal:
+`<run folder>/train.log`, and (with `progress` on) echoes it to stderr when that is not a terminal:
 
     2026-12-02 21:50:07 step 50/150 (33%)  2.41 s/step  0.41 steps/s  26.6 episodes/s  ETA 4m 01s
 

@@ -111,7 +111,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         ctx.progress.start("rl", cfg.train.steps, completed=ctx.step)
         progress_log = ProgressLog(ctx.run_dir / "train.log", cfg.train.steps,
                                    cfg.train.log_every if ctx.parallel.is_main else 0, start_step=ctx.step,
-                                   echo=stderr_if_not_a_terminal())
+                                   echo=stderr_if_not_a_terminal() if cfg.progress else None)
         with GracefulStop() as ctx.stop:
             try:
                 while ctx.step < cfg.train.steps and not _agreed_stop(ctx):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import gymnasium
 import pytest
 
 from looprl.cli import main
@@ -51,6 +52,14 @@ def test_record_tool_errors_counts_error_results_of_the_episode():
     assert env.counts() == {"tool_results": 2, "tool_errors": 1}
     env.reset(seed=1)
     assert env.counts() == {"tool_results": 0, "tool_errors": 0}
+
+
+def test_record_tool_errors_passes_garbage_on_for_the_checker_to_judge():
+    class Garbage(gymnasium.Env):
+        def step(self, action):
+            return ("obs", 0.0)
+
+    assert RecordToolErrors(Garbage()).step("x") == ("obs", 0.0)
 
 
 def test_a_dataset_is_evaluated_row_by_row_once_each(tiny_path):
