@@ -182,14 +182,14 @@ def clipped_policy_loss(
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
         own = pg_loss if global_count is None else aggregate_loss(per_token, mask, loss_agg, max_len)
-        metrics = {
-            "pg_loss": own.item(),
-            "clipfrac": masked_mean(clipped.to(mask.dtype), mask).item(),
+        values = torch.stack([
+            own,
+            masked_mean(clipped.to(mask.dtype), mask),
             # k3 estimator of KL(old || new) (Schulman, "Approximating KL divergence").
-            "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-        }
-    return pg_loss, metrics
+            masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask),
+            masked_mean(ratio, mask),
+        ]).tolist()  # one copy to the host per batch, not one per metric
+    return pg_loss, dict(zip(("pg_loss", "clipfrac", "approx_kl", "ratio_mean"), values))
 
 
 def behaviour_weights(

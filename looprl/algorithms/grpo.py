@@ -130,16 +130,16 @@ def grpo_loss(
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
         own = loss if global_count is None else aggregate_loss(per_token_loss, mask, loss_agg, max_len)
-        metrics = {
-            "loss": own.item(),
-            "pg_loss": aggregate_loss(pg_losses, mask, loss_agg, max_len).item(),
-            "clipfrac": masked_mean(clipped.to(mask.dtype), mask).item(),
+        names = ["loss", "pg_loss", "clipfrac", "approx_kl", "ratio_mean"] + ([] if kl is None else ["kl"])
+        values = [
+            own,
+            aggregate_loss(pg_losses, mask, loss_agg, max_len),
+            masked_mean(clipped.to(mask.dtype), mask),
             # k3 estimator of KL(old || new) (Schulman, "Approximating KL divergence").
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-        }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, mask).item()
+            masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            masked_mean(ratio, mask),
+        ] + ([] if kl is None else [masked_mean(kl, mask)])
+        metrics = dict(zip(names, torch.stack(values).tolist()))  # one copy to the host, not one per metric
     return loss, metrics
 
 

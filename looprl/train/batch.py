@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from looprl.train.logprobs import default_chunk_tokens, token_logprobs_chunked, token_logprobs_full
@@ -48,26 +49,32 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int, advantages: Sequenc
     """Pad `trajectories` into a `Batch` on `device` (the policy's; None: the CPU)."""
     batch, length = len(trajectories), max(len(t.input_ids) for t in trajectories)
     host = {"device": "cpu"}  # built on the host, whatever torch's default device, then moved in one copy each
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long, **host)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long, **host)
-    loss_mask = torch.zeros((batch, length), dtype=torch.float32, **host)
-    logprobs = torch.zeros((batch, length), dtype=torch.float32, **host)
-    segments = torch.zeros((batch, length), dtype=torch.long, **host)
     with_proximal = [t.proximal_logprobs is not None for t in trajectories]
     if any(with_proximal) and not all(with_proximal):
         raise ValueError("Expected proximal_logprobs on every trajectory of a batch or on none, "
                          f"actually on {sum(with_proximal)} of {batch}")
-    proximal = torch.zeros((batch, length), dtype=torch.float32, **host) if all(with_proximal) else None
+
+    # Filled row by row in numpy, then wrapped: a slice assignment from a list is far cheaper
+    # than a tensor per row (the values, float32-rounded alike, are the same).
+    input_ids = np.full((batch, length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((batch, length), dtype=np.int64)
+    loss_mask = np.zeros((batch, length), dtype=np.float32)
+    logprobs = np.zeros((batch, length), dtype=np.float32)
+    segments = np.zeros((batch, length), dtype=np.int64)
+    proximal = np.zeros((batch, length), dtype=np.float32) if all(with_proximal) else None
     for row, traj in enumerate(trajectories):
         n = len(traj.input_ids)
-        input_ids[row, :n] = torch.tensor(traj.input_ids, **host)
+        input_ids[row, :n] = traj.input_ids
         attention_mask[row, :n] = 1
-        loss_mask[row, :n] = torch.tensor(traj.loss_mask, dtype=torch.float32, **host)
-        logprobs[row, :n] = torch.tensor(traj.behaviour_logprobs, **host)
+        loss_mask[row, :n] = traj.loss_mask
+        logprobs[row, :n] = traj.behaviour_logprobs
         if proximal is not None:
-            proximal[row, :n] = torch.tensor(traj.proximal_logprobs, **host)
+            proximal[row, :n] = traj.proximal_logprobs
         for turn, (start, end) in enumerate(traj.turn_spans):
             segments[row, start:end] = turn
+    input_ids, attention_mask, loss_mask, logprobs, segments = map(
+        torch.from_numpy, (input_ids, attention_mask, loss_mask, logprobs, segments))
+    proximal = None if proximal is None else torch.from_numpy(proximal)
     adv = torch.tensor(list(advantages) if advantages is not None else [0.0] * batch, dtype=torch.float32, **host)
     out = Batch(input_ids, attention_mask, loss_mask[:, 1:], logprobs[:, 1:], adv, segments[:, 1:],
                 None if proximal is None else proximal[:, 1:])

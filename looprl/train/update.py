@@ -209,12 +209,13 @@ def _behaviour_weight_metrics(weights: torch.Tensor, batch, cap: float | None) -
     """How far the proximal policy is from the behaviour one, on the sampled tokens."""
     mask = batch.loss_mask
     over_cap = torch.zeros_like(mask) if cap is None else (batch.proximal_logprobs - batch.old_logprobs > math.log(cap))
-    return {
-        "behaviour_weight_mean": masked_mean(weights, mask).item(),
-        "behaviour_capped_frac": masked_mean(over_cap.to(mask.dtype), mask).item(),
+    values = torch.stack([
+        masked_mean(weights, mask),
+        masked_mean(over_cap.to(mask.dtype), mask),
         # k3 estimate of KL(behaviour || proximal), sampled from the behaviour: how stale the rollouts were.
-        "behaviour_kl": masked_mean(kl_k3(batch.old_logprobs, batch.proximal_logprobs), mask).item(),
-    }
+        masked_mean(kl_k3(batch.old_logprobs, batch.proximal_logprobs), mask),
+    ]).tolist()  # one copy to the host, not one per metric
+    return dict(zip(("behaviour_weight_mean", "behaviour_capped_frac", "behaviour_kl"), values))
 
 
 def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
