@@ -19,7 +19,7 @@ trainer, with its warm start, and records each RL step:
 
 `--world sql` / `apps` take `configs/loop/<world>_tiny_full_cpu.yaml` (long contexts) with
 a short warm start (`--sft-steps`, default 200 for those: the figures are about speed, not
-learning). Figures: docs/speed.md.
+learning). Figures: docs/results/limits.md.
 """
 
 from __future__ import annotations
