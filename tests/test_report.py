@@ -14,6 +14,7 @@ import pytest
 
 from looprl.cli import main
 from looprl.report import charts, tables
+from looprl.report.run import load_run
 from tests.recipes.test_recipes import tiny_recipe
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -122,3 +123,14 @@ def test_series_are_grouped_by_folder_and_the_interval_is_wilsons():
     assert charts.is_constant(groups["rollout/dropped"]["rollout/dropped/stale"])
     assert charts.eval_curves(metrics) == {"success_rate": {"greedy": [(1, 1.0)]}}
     assert doctest.testmod(tables).failed == 0
+
+
+def test_the_eval_table_gives_the_tool_error_rate_over_tool_results(chat_run):
+    [row] = tables.eval_rows(load_run(chat_run))
+    assert row["tool_error_rate"] is None  # records written before evaluation counted tool results
+    records = [{"seed": s, "task_id": "t", "success": True, "return": 1.0, "turns": 2, "tokens": 9,
+                "truncated": False, "tool_results": results, "tool_errors": errors}
+               for s, (results, errors) in enumerate([(3, 1), (1, 0), (0, 0)])]
+    (chat_run / "eval" / "final_sampled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    [row] = tables.eval_rows(load_run(chat_run))
+    assert row["tool_error_rate"] == pytest.approx(1 / 4)

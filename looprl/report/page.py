@@ -83,7 +83,7 @@ def _eval_table(run: RunFiles) -> str:
     if not rows:
         return "<p class='empty'>No evaluation records (eval/*.jsonl).</p>"
     head = ("<tr><th>policy</th><th>mode</th><th>episodes</th><th>success</th><th>95% CI (Wilson)</th>"
-            "<th>mean return</th><th>turns</th><th>tokens</th><th>truncated</th><th>lost</th></tr>")
+            "<th>mean return</th><th>turns</th><th>tokens</th><th>truncated</th><th>tool errors</th><th>lost</th></tr>")
     body = "".join(_eval_row(r) for r in rows)
     return f"<table class='eval'>{head}{body}</table>"
 
@@ -91,7 +91,8 @@ def _eval_table(run: RunFiles) -> str:
 def _eval_row(r: dict[str, Any]) -> str:
     cells = [escape(r["tag"]), escape(r["mode"]), str(r["episodes"]), f"{100 * r['success']:.1f}%",
              f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}%", f"{r['mean_return']:.3f}",
-             f"{r['mean_turns']:.2f}", f"{r['mean_tokens']:.1f}", f"{100 * r['truncated']:.1f}%", str(r["lost"])]
+             f"{r['mean_turns']:.2f}", f"{r['mean_tokens']:.1f}", f"{100 * r['truncated']:.1f}%",
+             "–" if r["tool_error_rate"] is None else f"{100 * r['tool_error_rate']:.1f}%", str(r["lost"])]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 

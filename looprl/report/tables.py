@@ -10,7 +10,7 @@ from looprl.train.eval_stats import wilson_interval
 
 def eval_rows(run: RunFiles) -> list[dict[str, Any]]:
     """One row per evaluation (tag, mode): success with its 95% interval, mean return, turns,
-    tokens, the truncated fraction and the episodes lost to their environment."""
+    tokens, the truncated fraction, the tool-error rate and the episodes lost to their environment."""
     rows = []
     for (tag, mode), records in run.evals.items():
         n = len(records)
@@ -25,8 +25,18 @@ def eval_rows(run: RunFiles) -> list[dict[str, Any]]:
             "mean_turns": sum(r["turns"] for r in records) / n,
             "mean_tokens": sum(r["tokens"] for r in records) / n,
             "truncated": sum(bool(r["truncated"]) for r in records) / n,
+            "tool_error_rate": _tool_error_rate(records),
         })
     return rows
+
+
+def _tool_error_rate(records: list[dict[str, Any]]) -> float | None:
+    """Tool results that were errors, over all tool results; None for records written before
+    evaluation counted them, or when no tool was called."""
+    if any("tool_results" not in r for r in records):
+        return None
+    results = sum(r["tool_results"] for r in records)
+    return sum(r["tool_errors"] for r in records) / results if results else None
 
 
 def episodes(run: RunFiles) -> list[dict[str, Any]]:
