@@ -13,6 +13,15 @@ logprobs agree to float32 rounding: TOLERANCE is 1e-4, and the figures are print
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +31,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm`
 from looprl.envs import make_env  # noqa: E402
 from looprl.rollout.agent import ObservationTemplater, run_episode  # noqa: E402
 from looprl.rollout.engine import GenerationRequest, HFEngine, SamplingParams, stop_token_ids  # noqa: E402
-from looprl.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from looprl.rollout.vllm_engine import VLLMEngine, vllm_lora_rank  # noqa: E402
 from looprl.train.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from looprl.train.policy import trainable_state  # noqa: E402
 from tests.rollout.test_agent import RecordingEngine, RecordingEnv, check_layout  # noqa: E402
@@ -289,3 +298,189 @@ def test_a_runs_engine_serves_what_it_publishes(tmp_path, lora):
     diffs = [torch.tensor(a.logprobs, dtype=torch.float64) - torch.tensor(e.logprobs, dtype=torch.float64)
              for a, e in zip(actual, expected)]
     assert report(f"build_engine ({'LoRA' if lora else 'full'}) after publish, greedy vs HFEngine", diffs) <= TOLERANCE
+
+
+def vllm_greedy(llm, prompts: list[list[int]], max_tokens: int = 24, lora_request=None) -> list[tuple[list[int], torch.Tensor]]:
+    """`vllm.LLM`'s greedy completions of token prompts: (ids, each id's logprob)."""
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                           VLLMSamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, detokenize=False),
+                           lora_request=lora_request)
+    return [(list(o.outputs[0].token_ids),
+             torch.tensor([p[t].logprob for t, p in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)], dtype=torch.float64))
+            for o in outputs]
+
+
+def test_adapter_only_export_served_by_vllms_lora_gives_the_runs_greedy_turns(tmp_path):
+    """`looprl export --adapter-only` of a LoRA run: vLLM loads the base model its
+    `adapter_config.json` names, and the folder as a `LoRARequest`; its greedy turns are
+    the run's peft policy's under `HFEngine`, and without the adapter they are not."""
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+    from looprl.train.export import export
+    from tests.train.test_export import make_run
+
+    run_dir, policy, run_tokenizer = make_run(tmp_path / "runs", model={"tiny": VLLM_TINY})
+    folder = export(run_dir, tmp_path / "adapter", adapter_only=True)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert not (folder / "model.safetensors").exists() and (folder / "adapter_model.safetensors").exists()
+    prompts = chat_prompts(run_tokenizer, 4)
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=24, temperature=0)) for p in prompts]
+    expected = HFEngine(policy.eval(), run_tokenizer).generate_batch(requests)
+
+    llm = LLM(adapter_config["base_model_name_or_path"], enable_lora=True,
+              max_lora_rank=vllm_lora_rank(adapter_config["r"]), **CPU_ENGINE)
+    try:
+        actual = vllm_greedy(llm, prompts, lora_request=LoRARequest("run", 1, str(folder)))
+        base = vllm_greedy(llm, prompts)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert [ids for ids, _ in actual] == [c.token_ids for c in expected]
+    diffs = [lp - torch.tensor(c.logprobs, dtype=torch.float64) for (_, lp), c in zip(actual, expected)]
+    assert report("adapter-only export under vLLM's LoRA, greedy logprobs vs HFEngine on the run's peft policy",
+                  diffs) <= TOLERANCE
+    # The adapter is what vLLM served: the base model alone answers otherwise.
+    assert [ids for ids, _ in base] != [c.token_ids for c in expected]
+
+
+# ---- vLLM's OpenAI server -------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(model: str, log_path: Path, *flags: str, start_s: float = 240):
+    """vLLM's OpenAI server (the module `vllm serve` starts; the CLI itself fails on the CPU
+    build) on loopback, in a process group of its own; yields its API root."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill",
+               "--max-model-len", str(CPU_ENGINE["max_model_len"]),
+               "--kv-cache-memory-bytes", str(CPU_ENGINE["kv_cache_memory_bytes"]), *flags]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            assert proc.poll() is None, f"vLLM's server exited early:\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"vLLM's server did not start:\n{log_path.read_text()[-4000:]}"
+            try:
+                if httpx.get(f"{root}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        print(f"\nvllm OpenAI server ready in {start_s - (deadline - time.monotonic()):.0f} s")
+        yield f"{root}/v1"
+    finally:
+        proc.terminate()  # the API server shuts its engine process down
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def train_tool_caller(root: Path):
+    """A full fine-tune run of the tiny model, trained until it answers the first turn of
+    each of 4 Calc tasks with the expert's calculator call (teacher-forced argmax equal to
+    every target token: its greedy turn is the call), checkpointed as `looprl train` does.
+    Returns `(run_dir, tasks)`, each task `(info, prompt_ids, call_text)`."""
+    from looprl.config import from_dict
+    from looprl.train.checkpoint import CheckpointManager
+    from looprl.train.policy import build_policy
+
+    cfg = from_dict({"name": "tools", "output_dir": str(root), "model": {"tiny": VLLM_TINY}, "lora": {"enabled": False}})
+    model, tokenizer = build_policy(cfg)
+    tasks = []
+    for seed in range(4):
+        env = make_env(ENV_ID)
+        _, info = env.reset(seed=seed)
+        text = tokenizer.apply_chat_template(info["messages"], tools=info["tools"], add_generation_prompt=True,
+                                             tokenize=False)
+        tasks.append((info, tokenizer.encode(text, add_special_tokens=False), env.unwrapped.oracle_action()))
+    rows = [p + tokenizer.encode(call, add_special_tokens=False) + [tokenizer.eos_token_id] for _, p, call in tasks]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = input_ids.clone()
+    for i, (r, (_, p, _)) in enumerate(zip(rows, tasks)):
+        labels[i, :len(p)] = -100
+        labels[i, len(r):] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(600):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        predicted = out.logits[:, :-1].argmax(-1)
+        if bool(((predicted == labels[:, 1:]) | (labels[:, 1:] == -100)).all()):
+            break
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    else:
+        raise AssertionError(f"the tiny model did not learn the calls in 600 steps (loss {out.loss.item():.3f})")
+    model.eval()
+    CheckpointManager(cfg.run_dir / "checkpoints").save(
+        1, model_state=trainable_state(model), optimizer_state=None,
+        extra={"config": cfg.model_dump(mode="json")}, blocking=True)
+    return cfg.run_dir, tasks
+
+
+def test_vllms_openai_server_parses_the_exported_models_tool_calls(tmp_path):
+    """The export of a run that learned to call Calc's calculator, served by vLLM's OpenAI
+    server with `--enable-auto-tool-choice --tool-call-parser hermes`: the official
+    `openai` client's chat request with `tools=` gets the call back as `tool_calls` (name
+    and JSON arguments, parsed by vLLM's Hermes parser from the `<tool_call>` block the
+    model wrote), from the prompt the agent loop renders (the same prompt tokens); with
+    `tool_choice="none"` the same turn comes back as text, unparsed."""
+    import openai
+
+    from looprl.train.export import export
+
+    started = time.monotonic()
+    run_dir, tasks = train_tool_caller(tmp_path / "runs")
+    print(f"\nvllm tool-call run trained in {time.monotonic() - started:.0f} s")
+    folder = export(run_dir, tmp_path / "exported")
+    with vllm_server(str(folder), tmp_path / "vllm_server.log", "--served-model-name", "tools",
+                     "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        for info, prompt_ids, call_text in tasks:
+            reply = client.chat.completions.create(model="tools", messages=info["messages"], tools=info["tools"],
+                                                   temperature=0, max_tokens=64)
+            choice, call = reply.choices[0], json.loads(call_text.removeprefix("<tool_call>").removesuffix("</tool_call>"))
+            assert reply.usage.prompt_tokens == len(prompt_ids)
+            assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+            [tool_call] = choice.message.tool_calls
+            assert tool_call.type == "function" and tool_call.id
+            assert tool_call.function.name == call["name"] == "calculator"
+            assert json.loads(tool_call.function.arguments) == call["arguments"]
+        # Streamed, the parser's deltas assemble to the same call.
+        info, _, call_text = tasks[1]
+        call = json.loads(call_text.removeprefix("<tool_call>").removesuffix("</tool_call>"))
+        name, arguments, finish = "", "", None
+        for chunk in client.chat.completions.create(model="tools", messages=info["messages"], tools=info["tools"],
+                                                    temperature=0, max_tokens=64, stream=True):
+            delta = chunk.choices[0].delta
+            for piece in delta.tool_calls or []:
+                assert piece.index == 0
+                name += piece.function.name or "" if piece.function else ""
+                arguments += piece.function.arguments or "" if piece.function else ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert name == call["name"] and json.loads(arguments) == call["arguments"] and finish == "tool_calls"
+        # Unparsed (tool_choice="none"), the turn is the model's text. The tiny tokenizer's
+        # tool tags are special tokens, which a request drops by default (the Hermes parser
+        # turns skip_special_tokens off for the requests it parses): keep them.
+        unparsed = client.chat.completions.create(model="tools", messages=info["messages"], tools=info["tools"],
+                                                  tool_choice="none", temperature=0, max_tokens=64,
+                                                  extra_body={"skip_special_tokens": False}).choices[0]
+        assert unparsed.message.content == call_text and not unparsed.message.tool_calls
+        assert unparsed.finish_reason == "stop"
