@@ -21,6 +21,9 @@ Three parts, all in this run:
    static one, and adaptive / best static; then, on `--milp-sequences` sequences of each
    distribution, the heuristic against the exact MILP (`--milp-time-limit` s).
 
+`--run RUN_DIR` (repeatable) adds a run's own trained row lengths (every RL step's
+`trained_row_tokens` in its metrics.jsonl) as `run:<name>`, and scaled as `run:<name>-x`.
+
 Distributions: `recorded`: token lengths of scripted-expert (oracle) episodes of looprl's own
 worlds (`looprl.envs.make_env`, `oracle_action`), the whole chat (system, task, actions, tool
 results) counted with the tiny model's tokenizer; `recorded-x`: the same shape scaled so its
@@ -136,6 +139,18 @@ def recorded_lengths(args) -> list[int]:
     return lengths
 
 
+def run_lengths(run_dir: Path) -> list[int]:
+    """Every RL step's trained row lengths of a looprl run (`trained_row_tokens` in metrics.jsonl)."""
+    from looprl.train.metrics import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise SystemExit(f"--run {run_dir}: no metrics.jsonl (not a looprl run folder)")
+    lengths = [n for record in read_metrics(run_dir) for n in record.get("trained_row_tokens", [])]
+    if not lengths:
+        raise SystemExit(f"--run {run_dir}: no trained_row_tokens in metrics.jsonl (an on-policy run records them)")
+    return lengths
+
+
 def long_tail(rng: np.random.Generator, n: int, args) -> list[int]:
     bulk = rng.lognormal(math.log(args.median), args.sigma, size=n)
     tail = rng.random(n) < args.tail_frac
@@ -212,6 +227,9 @@ def main() -> None:
     parser.add_argument("--milp-sequences", type=int, default=12)
     parser.add_argument("--milp-time-limit", type=float, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
+                        help="replay a run's trained row lengths (metrics.jsonl's trained_row_tokens) as "
+                             "distribution run:<name>, and scaled so its longest is --scaled-max (run:<name>-x)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -227,6 +245,10 @@ def main() -> None:
     print(f"simulated: {'--load ' + args.load if args.load else f'{args.sim_params / 1e9:.0f}B-like'} model, "
           f"{args.gpu_mem:.0f} GB GPUs, {args.act_mb} MB/token, all-to-all {args.intra_gbs}/{args.inter_gbs} GB/s "
           f"intra/inter node ({args.gpus_per_node} GPUs a node)")
+    runs = {f"run:{Path(run).name}": run_lengths(Path(run)) for run in args.run}
+    for name, lengths in runs.items():
+        print(f"{name}: {len(lengths)} trained rows: tokens min {min(lengths)} median {int(np.median(lengths))} "
+              f"max {max(lengths)}")
     rng = np.random.default_rng(args.seed)
     scale = args.scaled_max / max(recorded)
     ratios: dict[str, list[float]] = {}
@@ -236,6 +258,10 @@ def main() -> None:
         sample = [int(x) for x in rng.choice(recorded, size=n)]
         batches = {"recorded": sample, "recorded-x": [max(1, round(s * scale)) for s in sample],
                    "long-tail": long_tail(rng, n, args)}
+        for run, pool in runs.items():
+            sample = [int(x) for x in rng.choice(pool, size=n)]
+            batches[run] = sample
+            batches[f"{run}-x"] = [max(1, round(s * args.scaled_max / max(pool))) for s in sample]
         for name, lengths in batches.items():
             ratios.setdefault(name, []).append(compare(name, lengths, world, model, cap))
     for name, values in ratios.items():

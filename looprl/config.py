@@ -250,6 +250,22 @@ class TrainConfig(Section):
     sequence_parallel: int = Field(
         1, ge=1, description="ranks that split each row's sequence (DeepSpeed-Ulysses attention, looprl.train.ulysses); "
         "the processes form blocks of this many, each block one data-parallel share (1: no split)")
+    sequence_parallel_adaptive: bool = Field(
+        False, description="plan the sequence-parallel blocks per minibatch (FlexSP, looprl.train.sp_planner): a row "
+        "that fits algorithm.micro_batch_tokens trains on one rank, a longer one over a block of 2, 4, ... ranks, the "
+        "blocks' degrees summing to the processes and the slowest block's estimated time minimised (with "
+        "train.sequence_parallel=1)")
+    sequence_parallel_cost: str | None = Field(
+        None, description="the cost model the adaptive plans minimise: a JSON saved by `bench/sequence_parallel.py "
+        "--save` (calibrated on your hardware); default: estimated from the model's size at 100 TFLOP/s and 20 GB/s "
+        "all-to-all")
+
+    @model_validator(mode="after")
+    def _one_kind_of_sequence_parallelism(self) -> "TrainConfig":
+        if self.sequence_parallel_adaptive and self.sequence_parallel > 1:
+            raise ValueError(f"Expect train.sequence_parallel=1 with train.sequence_parallel_adaptive (the plan "
+                             f"chooses the degrees), actually: {self.sequence_parallel}")
+        return self
 
     @model_validator(mode="after")
     def _keep_every_is_saved(self) -> "TrainConfig":

@@ -33,7 +33,8 @@ from looprl.train.parallel import GatheredWeights, Parallel
 from looprl.train.policy import build_policy, trainable_state
 from looprl.train.progress import RunProgress
 from looprl.train.resume import apply_optimizer_settings, check_resume
-from looprl.train.ulysses import check_heads
+from looprl.train.sp_planner import SPCostModel, estimated_cost_model
+from looprl.train.ulysses import check_heads, splittable_degrees
 
 log = logging.getLogger("looprl.train")
 
@@ -207,6 +208,9 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> Run
     if cfg.train.sequence_parallel > 1:
         check_heads(model, cfg.train.sequence_parallel)
         parallel.split_sequences(cfg.train.sequence_parallel)
+    if cfg.train.sequence_parallel_adaptive:
+        degrees = splittable_degrees(model, parallel.world)
+        parallel.plan_sequences(degrees, sequence_cost_model(cfg.train.sequence_parallel_cost, model, degrees))
     if parallel.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     engine, sync = build_engine(cfg, model, tokenizer, run_dir, parallel)
@@ -215,6 +219,24 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, sampler=None) -> Run
                       sampler=sampler if sampler is not None else TaskSampler(cfg.seed), engine=engine, sync=sync,
                       run_dir=run_dir, logger=None, progress=RunProgress(enabled=cfg.progress and parallel.is_main),
                       resume_from=resume_from, parallel=parallel)
+
+
+def sequence_cost_model(path: str | None, model, degrees: Sequence[int]) -> SPCostModel:
+    """The cost model adaptive sequence parallelism plans with: `train.sequence_parallel_cost`'s
+    JSON, or one estimated from the model's size (`estimated_cost_model`)."""
+    if path is None:
+        config = getattr(model.config, "text_config", None) or model.config
+        return estimated_cost_model(config.hidden_size, config.num_hidden_layers,
+                                    sum(p.numel() for p in model.parameters()), degrees)
+    try:
+        cost = SPCostModel.load(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"train.sequence_parallel_cost={path!r} is not a cost model JSON: {error}") from None
+    missing = [d for d in degrees if d > 1 and d not in cost.bandwidth]
+    if missing:
+        raise ValueError(f"train.sequence_parallel_cost={path!r} has no all-to-all bandwidth for degrees {missing}; "
+                         f"it has {sorted(cost.bandwidth)}")
+    return cost
 
 
 def build_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:

@@ -46,6 +46,7 @@ rank 0 from the gathered state.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -59,6 +60,17 @@ log = logging.getLogger("looprl.train")
 BACKENDS = ("auto", "single", "fsdp2", "deepspeed")
 
 
+@dataclass(frozen=True)
+class SequencePlanner:
+    """Adaptive sequence parallelism's fixed parts: the degrees it may use, a process group for
+    every aligned block of ranks of each (keyed `(degree, first rank)`), and the cost model
+    (`looprl.train.sp_planner.SPCostModel`) its plans minimise."""
+
+    degrees: tuple[int, ...]
+    groups: dict
+    cost: Any
+
+
 @dataclass
 class Parallel:
     """Where this process stands among the run's processes (see the module docstring).
@@ -70,6 +82,8 @@ class Parallel:
         zero_stage: DeepSpeed's ZeRO stage (1, 2 or 3) with `deepspeed`.
         sequence_group: this rank's block of ranks that split each row's sequence
             (`split_sequences`; a ProcessGroup), None without sequence parallelism.
+        sequence_planner: adaptive sequence parallelism (`plan_sequences`): the groups are
+            planned per minibatch instead, and `sequence_group` stays None.
     """
 
     rank: int = 0
@@ -77,6 +91,7 @@ class Parallel:
     backend: str = "single"
     zero_stage: int = 0
     sequence_group: Any = None
+    sequence_planner: Any = None
 
     @classmethod
     def from_env(cls, backend: str = "auto", zero_stage: int = 2, timeout_s: float = 7200.0) -> "Parallel":
@@ -124,6 +139,20 @@ class Parallel:
         from looprl.train.ulysses import sequence_groups
 
         self.sequence_group = sequence_groups(degree)
+
+    def plan_sequences(self, degrees: tuple[int, ...], cost: Any) -> None:
+        """Adaptive sequence parallelism: each minibatch's rows are assigned to blocks of ranks
+        of the `degrees` (FlexSP, `looprl.train.sp_planner`, with the cost model `cost`), short
+        rows one rank each, long ones split; the blocks' groups are made here, once."""
+        if not self.distributed:
+            raise ValueError("train.sequence_parallel_adaptive needs several processes (a launcher such as "
+                             "torchrun), but this run has one")
+        from looprl.train.ulysses import block_groups
+
+        # The plan's memory limit is in tokens a rank holds (algorithm.micro_batch_tokens): a row of s tokens
+        # at degree d holds s / d, whatever the cost model's own bytes say.
+        tokens = dataclasses.replace(cost, model_state_bytes=0.0, activation_bytes_per_token=1.0)
+        self.sequence_planner = SequencePlanner(degrees=degrees, groups=block_groups(degrees), cost=tokens)
 
     @property
     def sequence_degree(self) -> int:

@@ -103,6 +103,21 @@ class SPCostModel:
         return cls.from_json(Path(path).read_text())
 
 
+def estimated_cost_model(hidden: int, layers: int, params: float, degrees: Sequence[int], *,
+                         flops: float = 1e14, bandwidth: float = 2e10) -> SPCostModel:
+    """A cost model from a model's size alone, for planning without a calibration: forward and
+    backward at `flops` FLOP/s (6 x params a token for the linear layers, 6 x layers x hidden a
+    token pair for causal attention) and every degree's all-to-all at `bandwidth` bytes/s. Only
+    the ratios steer a plan; `calibrate` (bench/sequence_parallel.py --save) measures them.
+
+    >>> m = estimated_cost_model(4096, 32, 7e9, (1, 2))  # a 7B model
+    >>> round(m.time(32768, 1), 1), round(m.time(32768, 2), 1)  # 32k tokens: split, the all-to-all costs less
+    (22.2, 12.4)
+    """
+    return SPCostModel(a1=6 * layers * hidden / flops, a2=6 * params / flops, b=0.0, hidden=hidden, layers=layers,
+                       bandwidth={d: bandwidth for d in degrees if d > 1})
+
+
 def fit_compute(lengths: Sequence[float], seconds: Sequence[float]) -> tuple[float, float, float]:
     """`(a1, a2, b)` of `seconds ~ a1 * s^2 + a2 * s + b` by least squares, clipped at 0.
 

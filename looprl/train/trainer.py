@@ -72,9 +72,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(recipe_cls, "data_parallel", False):
         raise ValueError(f"The {entry.name} recipe does not train data-parallel yet (WORLD_SIZE > 1); "
                          "the on-policy (LOOP, GRPO) and online DPO recipes do: launch this one as one process")
-    if cfg.train.sequence_parallel > 1 and not getattr(recipe_cls, "sequence_parallel", False):
-        raise ValueError(f"The {entry.name} recipe does not split sequences (train.sequence_parallel > 1); "
-                         "the on-policy (LOOP, GRPO) recipes do: set train.sequence_parallel=1")
+    if (cfg.train.sequence_parallel > 1 or cfg.train.sequence_parallel_adaptive) \
+            and not getattr(recipe_cls, "sequence_parallel", False):
+        raise ValueError(f"The {entry.name} recipe does not split sequences (train.sequence_parallel > 1 or "
+                         "train.sequence_parallel_adaptive); the on-policy (LOOP, GRPO) recipes do: set "
+                         "train.sequence_parallel=1 and train.sequence_parallel_adaptive=false")
     make_sampler = getattr(recipe_cls, "sampler", lambda c: TaskSampler(c.seed))
     ctx = open_run(cfg, resume, overwrite, sampler=make_sampler(cfg))  # checks what --resume may change
     checkpoints = _checkpointer(ctx)

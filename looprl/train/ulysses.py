@@ -43,7 +43,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -320,6 +320,19 @@ def sequence_groups(degree: int) -> ProcessGroup | None:
     return mine
 
 
+def block_groups(degrees: Sequence[int]) -> dict[tuple[int, int], ProcessGroup]:
+    """A group for every aligned block of each degree above 1 (ranks `start..start+d-1`, `start`
+    a multiple of `d`), keyed `(d, start)`: adaptive sequence parallelism picks among them per
+    minibatch (`looprl.train.update.adaptive_micro_batches`). Every rank must call it, with the
+    same degrees (making a group is collective)."""
+    world, groups = dist.get_world_size(), {}
+    for d in sorted(set(degrees)):
+        if d > 1:
+            for start in range(0, world - d + 1, d):
+                groups[(d, start)] = dist.new_group(list(range(start, start + d)))
+    return groups
+
+
 def check_heads(model: torch.nn.Module, degree: int) -> None:
     """Refuse, before training, a degree that does not split the model's attention heads."""
     config = getattr(model.config, "text_config", None) or model.config
@@ -327,6 +340,22 @@ def check_heads(model: torch.nn.Module, degree: int) -> None:
     if heads % degree or (kv_heads % degree and degree % kv_heads):
         raise ValueError(f"Expected train.sequence_parallel={degree} to divide the model's {heads} attention heads "
                          f"(and its {kv_heads} KV heads to divide it or be a multiple of it)")
+
+
+def splittable_degrees(model: torch.nn.Module, world: int) -> tuple[int, ...]:
+    """The degrees adaptive sequence parallelism may use: 1 and the powers of two up to `world`
+    that split the model's heads (`check_heads`)."""
+    degrees = [1]
+    while degrees[-1] * 2 <= world:
+        degrees.append(degrees[-1] * 2)
+    usable = []
+    for d in degrees:
+        try:
+            check_heads(model, d)
+        except ValueError:
+            continue
+        usable.append(d)
+    return tuple(usable)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -23,7 +23,8 @@ from looprl.algorithms.grpo import kl_k3
 from looprl.train.balance import karmarkar_karp
 from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.parallel import Parallel
-from looprl.train.ulysses import split_sequences
+from looprl.train.sp_planner import heuristic_plan
+from looprl.train.ulysses import degree, split_sequences
 from looprl.types import Episode, Trajectory
 
 Item = TypeVar("Item")
@@ -50,6 +51,7 @@ def minibatch_update(
     size: Callable[[Item], float] | None = None,
     parallel: Parallel | None = None,
     before_step: Callable[[], None] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """`epochs` passes of shuffled minibatches over `items`, one optimizer step each.
 
@@ -60,19 +62,26 @@ def minibatch_update(
         epochs, minibatch_size: passes, and items per optimizer step.
         grad_clip: max global gradient norm.
         lr: recorded as `train/lr`.
-        plan: a minibatch's micro-batches, as lists of indices into it.
+        plan: a minibatch's micro-batches, as lists of indices into it; with adaptive
+            sequence parallelism it is also called as `plan(items, max_tokens)` for a block
+            of d ranks (d x `max_tokens`: each rank holds 1/d of a row).
         count: the loss's normaliser of some items (their tokens, rows or pairs).
-        micro_step: forward and backward some items with the minibatch's count as the
-            normaliser; returns their metrics (means over those items).
+        micro_step: `micro_step(items, normaliser, group)`: forward and backward some items
+            with the minibatch's count as the normaliser, their sequences split over the
+            process `group` (None: not split); returns their metrics (means over those items).
         metric_prefix: prefixed to `micro_step`'s metric names.
-        size: an item's weight when a minibatch is split across ranks (default: its count).
+        size: an item's weight when a minibatch is split across ranks (default: its count);
+            its tokens with adaptive sequence parallelism.
+        max_tokens: with adaptive sequence parallelism, the tokens of a row one rank may
+            hold (a longer row is split over a block of ranks).
         parallel: the run's processes (default: one); see `looprl.train.parallel`.
         before_step: called right before each `optimizer.step()` (a sharded checkpoint
             waits there until its snapshot of the weights is copied: `RunContext.before_optimizer_step`).
 
     Returns:
         The mean over optimizer steps of the minibatch metrics and `grad_norm`, with
-        `train/optimizer_steps` and `train/lr`.
+        `train/optimizer_steps` and `train/lr`; with adaptive sequence parallelism also
+        `split_row_frac`, the share of rows trained over a block of several ranks.
     """
     if not items:
         return {"train/optimizer_steps": 0, "train/lr": lr}
@@ -86,15 +95,20 @@ def minibatch_update(
             rows = [items[j] for j in order[i:i + minibatch_size]]
             total = max(count(rows), 1)
             optimizer.zero_grad(set_to_none=True)
-            for group in rank_micro_batches(rows, plan, size or (lambda item: count([item])), parallel):
-                if group is None:  # this rank has less work than another: a zero-weight pass
-                    micro_step(rows[:1], math.inf)
+            mine, group = rank_micro_batches(rows, plan, size or (lambda item: count([item])), parallel, max_tokens)
+            together = degree(group)  # ranks that compute each of these rows (their metrics count once)
+            for indices in mine:
+                if indices is None:  # this rank has less work than another: a zero-weight pass
+                    micro_step([min(rows, key=size or (lambda item: count([item])))], math.inf, None)
                     continue
-                micro = [rows[g] for g in group]
-                weight = count(micro) / total
+                micro = [rows[g] for g in indices]
+                weight = count(micro) / total / together
                 # FSDP and DeepSpeed average the ranks' gradients: each normalises by its share of the count.
-                for key, value in micro_step(micro, total / parallel.world).items():
+                for key, value in micro_step(micro, total / parallel.world, group).items():
                     sums[metric_prefix + key] = sums.get(metric_prefix + key, 0.0) + value * weight
+                if parallel.sequence_planner is not None:  # the share of the minibatch's rows trained split
+                    split = len(micro) / len(rows) / together if together > 1 else 0.0
+                    sums[f"{metric_prefix}split_row_frac"] = sums.get(f"{metric_prefix}split_row_frac", 0.0) + split
             norm = parallel.optimizer_step(model, optimizer, grad_clip, before_step)
             sums[f"{metric_prefix}grad_norm"] = sums.get(f"{metric_prefix}grad_norm", 0.0) + norm
             steps += 1
@@ -102,35 +116,74 @@ def minibatch_update(
     return {**{k: v / steps for k, v in sums.items()}, "train/optimizer_steps": steps, "train/lr": lr}
 
 
-def rank_micro_batches(rows: Sequence[Item], plan: Callable[[Sequence[Item]], list[list[int]]],
-                       size: Callable[[Item], float], parallel: Parallel) -> list[list[int] | None]:
+def rank_micro_batches(rows: Sequence[Item], plan: Callable[..., list[list[int]]],
+                       size: Callable[[Item], float], parallel: Parallel,
+                       max_tokens: int | None = None) -> tuple[list[list[int] | None], Any]:
     """This rank's micro-batches of a minibatch (indices into `rows`), None-padded to the
-    count of the rank with the most, so every rank runs as many forwards and backwards.
+    count of the rank with the most, so every rank runs as many forwards and backwards;
+    and the process group its rows' sequences are split over (None: not split).
 
     One process: `plan(rows)`. Several: `rows` split across ranks by `size` with the
     Karmarkar-Karp largest differencing method (verl's `seqlen_balancing`), then each
     rank's part planned. With sequence parallelism the split is across blocks of ranks
-    (`Parallel.data_world`), and the ranks of a block take the same part.
+    (`Parallel.data_world`), and the ranks of a block take the same part; with adaptive
+    sequence parallelism the blocks are planned for this minibatch (`adaptive_micro_batches`).
     """
+    if parallel.sequence_planner is not None:
+        return adaptive_micro_batches(rows, plan, size, parallel, max_tokens)
     if parallel.data_world == 1:
-        return plan(rows)
+        return plan(rows), parallel.sequence_group
     parts = karmarkar_karp([size(row) for row in rows], parallel.data_world)
     plans = [[[part[g] for g in group] for group in plan([rows[i] for i in part])] if part else [] for part in parts]
     most = max(len(p) for p in plans)
-    return plans[parallel.data_rank] + [None] * (most - len(plans[parallel.data_rank]))
+    return plans[parallel.data_rank] + [None] * (most - len(plans[parallel.data_rank])), parallel.sequence_group
+
+
+def adaptive_micro_batches(rows: Sequence[Item], plan: Callable[..., list[list[int]]],
+                           size: Callable[[Item], float], parallel: Parallel,
+                           max_tokens: int | None) -> tuple[list[list[int] | None], Any]:
+    """Adaptive sequence parallelism (FlexSP): rank 0 assigns the minibatch's rows to blocks of
+    ranks of heterogeneous degree (`looprl.train.sp_planner.heuristic_plan`: each row within
+    `max_tokens` a rank, the slowest block's estimated time minimised) and broadcasts the
+    assignment; the blocks are laid out from rank 0 by decreasing degree (so each starts at a
+    multiple of its degree) and each plans its rows' micro-batches with d x `max_tokens`.
+    Returns this rank's micro-batches and its block's group (None for a block of one)."""
+    planner = parallel.sequence_planner
+    if max_tokens is None:
+        raise ValueError("adaptive sequence parallelism needs the tokens a rank may hold (max_tokens)")
+    layout: Any = None
+    if parallel.is_main:
+        lengths = [int(size(row)) for row in rows]
+        try:
+            groups = heuristic_plan(lengths, parallel.world, max_tokens, planner.cost, planner.degrees).groups
+            layout = [(g.degree, list(g.sequences)) for g in sorted(groups, key=lambda g: -g.degree)]
+        except ValueError:
+            layout = (f"Expected every row to fit algorithm.micro_batch_tokens={max_tokens} a rank at sequence-parallel "
+                      f"degrees {planner.degrees} over {parallel.world} processes, actually a row has {max(lengths)} tokens")
+    layout = parallel.broadcast_object(layout)
+    if isinstance(layout, str):  # rank 0 found no plan: every rank raises it
+        raise ValueError(layout)
+    starts = [sum(d for d, _ in layout[:k]) for k in range(len(layout))]
+    mine = next(k for k, (d, _) in enumerate(layout) if starts[k] <= parallel.rank < starts[k] + d)
+    plans = [[[part[g] for g in group] for group in plan([rows[i] for i in part], max_tokens * d)] if part else []
+             for d, part in layout]
+    most = max(len(p) for p in plans)
+    d = layout[mine][0]
+    group = planner.groups[(d, starts[mine])] if d > 1 else None
+    return plans[mine] + [None] * (most - len(plans[mine])), group
 
 
 def _sum_over_ranks(sums: dict[str, float], parallel: Parallel) -> dict[str, float]:
     """Each rank's weighted metric sums added up (every rank's share of a minibatch is
-    weighted by its share of the count); the gradient norm, the same everywhere, once; and
-    a share that a block of sequence-parallel ranks computed together, once."""
+    weighted by its share of the count, divided among the ranks of a sequence-parallel block
+    that computed it together); the gradient norm, the same everywhere, once."""
     if not parallel.distributed:
         return sums
     out: dict[str, float] = {}
     for rank_sums in parallel.gather_objects(sums):
         for key, value in rank_sums.items():
             out[key] = out.get(key, 0.0) + value
-    return {k: v / (parallel.world if k.endswith("grad_norm") else parallel.sequence_degree) for k, v in out.items()}
+    return {k: v / parallel.world if k.endswith("grad_norm") else v for k, v in out.items()}
 
 
 def chunk_rows(groups: Sequence[Sequence[Trajectory | Episode]], advantages: torch.Tensor,
@@ -154,20 +207,24 @@ def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Ro
                   parallel: Parallel | None = None, *,
                   before_step: Callable[[], None] | None = None) -> dict[str, float]:
     """The policy-gradient update of one step's rows (LOOP, GRPO; sync, async, ExIt);
-    with several ranks, every rank passes the same rows and trains on its share."""
+    with several ranks, every rank passes the same rows and trains on its share. Returns the
+    update's metrics and `trained_row_tokens`, the rows' lengths (sorted)."""
     update = cfg.algorithm
 
-    def micro_step(micro: Sequence[Row], total: float) -> dict[str, float]:
-        return policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, micro, total,
-                                 sequence_group=parallel.sequence_group if parallel is not None else None)
+    def micro_step(micro: Sequence[Row], total: float, group) -> dict[str, float]:
+        return policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, micro, total, sequence_group=group)
 
-    return minibatch_update(
+    metrics = minibatch_update(
         model, optimizer, rows, epochs=update.epochs, minibatch_size=update.minibatch_size,
         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=lambda micro: policy_count(algorithm, micro),
         micro_step=micro_step,
-        plan=lambda micro: micro_batches([len(t.input_ids) for t, _ in micro], update.micro_batch_tokens),
+        plan=lambda micro, tokens=update.micro_batch_tokens: micro_batches([len(t.input_ids) for t, _ in micro], tokens),
         size=lambda row: len(row[0].input_ids), parallel=parallel, before_step=before_step,
+        max_tokens=update.micro_batch_tokens,
     )
+    # The rows' lengths, recorded with the step: what a sequence-parallel plan is sized by
+    # (`bench/sequence_parallel.py --run` replays them).
+    return {**metrics, "trained_row_tokens": sorted(len(t.input_ids) for t, _ in rows)}
 
 
 def policy_count(algorithm, rows: Sequence[Row]) -> float:
@@ -235,7 +292,7 @@ def update_on_pairs(cfg, algorithm, model, pad_id: int, optimizer, reference,
                         pad_id, update.micro_batch_tokens, device).view(-1, 2)  # (P, 2): chosen, rejected
     indexed = list(range(len(pairs)))
 
-    def micro_step(idx: Sequence[int], total: float) -> dict[str, float]:
+    def micro_step(idx: Sequence[int], total: float, group) -> dict[str, float]:  # DPO does not split sequences
         return _pair_micro_step(cfg, algorithm, model, pad_id, [pairs[j] for j in idx], ref[list(idx)], total)
 
     return minibatch_update(

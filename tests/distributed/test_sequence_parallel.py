@@ -58,6 +58,24 @@ def test_updates_with_rows_split_over_two_ranks_equal_one_process(tmp_path, mode
         torch.testing.assert_close(two["state"][key], one["state"][key], rtol=0, atol=5e-5, msg=key)
 
 
+def test_blocks_planned_per_minibatch_train_as_one_process(tmp_path):
+    """Adaptive sequence parallelism: rows over 40 tokens (of 6-60) train over both ranks, the
+    others one rank each, the blocks planned per minibatch; the losses and weights are one
+    process's to float rounding, as with a static degree."""
+    resolve_model_path("looprl/tiny", TINY_UPDATE)
+    launch("update", "adaptive", tmp_path / "one.pt", 1, ranks=1)
+    launch("update", "adaptive", tmp_path / "two.pt", "adaptive")
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert len(two["plans"]) == 18 and {(2,), (1, 1)} <= set(two["plans"]), two["plans"]  # both kinds ran
+    assert 0 < sum(m["train/split_row_frac"] for m in two["metrics"]) / 3 < 1
+    for a, b in zip(one["metrics"], two["metrics"]):
+        assert b["train/optimizer_steps"] == a["train/optimizer_steps"] == 6
+        assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    for key in one["state"]:
+        torch.testing.assert_close(two["state"][key], one["state"][key], rtol=0, atol=5e-5, msg=key)
+
+
 def rl_records(run_dir):
     return [r for r in read_metrics(run_dir) if "rollout/reward_mean" in r]
 
@@ -65,15 +83,20 @@ def rl_records(run_dir):
 def test_a_tiny_recipe_trains_the_same_with_its_rows_split_over_two_ranks(tmp_path):
     resolve_model_path("looprl/tiny", TINY)  # built here once, not by both ranks at once
     launch("recipe", tmp_path)
-    off, on = rl_records(tmp_path / "off" / "t"), rl_records(tmp_path / "on" / "t")
-    assert [r["step"] for r in on] == [1, 2, 3, 4] and sum(r["train/optimizer_steps"] for r in on) > 6
-    for a, b in zip(off, on):
-        assert {k: v for k, v in a.items() if k.startswith("rollout/") and "seconds" not in k and "per_s" not in k} \
-            == {k: v for k, v in b.items() if k.startswith("rollout/") and "seconds" not in k and "per_s" not in k}
-        assert a["train/optimizer_steps"] == b["train/optimizer_steps"]
-        if a["train/optimizer_steps"]:
-            assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], abs=1e-6)
-            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    off = rl_records(tmp_path / "off" / "t")
+    adaptive = [r for r in rl_records(tmp_path / "adaptive" / "t") if r["train/optimizer_steps"]]
+    assert any(0 < r["train/split_row_frac"] < 1 for r in adaptive)  # rows over 192 tokens split, others one rank
+    for r in adaptive:  # a row over 192 tokens is always split
+        assert r["train/split_row_frac"] > 0 or max(r["trained_row_tokens"]) <= 192, r
+    for on in (rl_records(tmp_path / "on" / "t"), rl_records(tmp_path / "adaptive" / "t")):
+        assert [r["step"] for r in on] == [1, 2, 3, 4] and sum(r["train/optimizer_steps"] for r in on) > 6
+        for a, b in zip(off, on):
+            assert {k: v for k, v in a.items() if k.startswith("rollout/") and "seconds" not in k and "per_s" not in k} \
+                == {k: v for k, v in b.items() if k.startswith("rollout/") and "seconds" not in k and "per_s" not in k}
+            assert a["train/optimizer_steps"] == b["train/optimizer_steps"]
+            if a["train/optimizer_steps"]:
+                assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], abs=1e-6)
+                assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
 
 
 def test_a_split_in_one_process_is_a_one_line_error():

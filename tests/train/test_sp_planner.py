@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
+from looprl.config import from_dict
+from looprl.train.batch import micro_batches
+from looprl.train.parallel import Parallel, SequencePlanner
 from looprl.train.sp_planner import (
     PLANNERS,
     SPCostModel,
     calibrate,
+    estimated_cost_model,
     fit_compute,
     heuristic_plan,
     lower_bound,
     plan,
     static_plan,
 )
+from looprl.train.update import adaptive_micro_batches
 
 GB = 1e9
 # A 7B-like model on 80 GB devices: 40k tokens fit at degree 1, 80k need 2, 160k need 4.
@@ -146,3 +152,54 @@ def test_json_round_trip(tmp_path):
 
 def test_planners_registry():
     assert sorted(PLANNERS) == ["heuristic", "milp"]
+
+
+class _Ranks:
+    """A stand-in for `Parallel` on `world` ranks seen from `rank`, without a process group."""
+
+    def __init__(self, rank: int, world: int, degrees=(1, 2, 4)):
+        cost = dataclasses.replace(estimated_cost_model(64, 2, 1e6, degrees), activation_bytes_per_token=1.0)
+        groups = {(d, s): f"group{d}@{s}" for d in degrees if d > 1 for s in range(0, world - d + 1, d)}
+        self.rank, self.world, self.is_main = rank, world, True  # each plans as rank 0 would: the plan is deterministic
+        self.sequence_planner = SequencePlanner(degrees=tuple(degrees), groups=groups, cost=cost)
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+def _adaptive(lengths, rank, world, tokens=40):
+    return adaptive_micro_batches(lengths, lambda items, budget=tokens: micro_batches(list(items), budget),
+                                  lambda n: n, _Ranks(rank, world), tokens)
+
+
+def test_adaptive_blocks_cover_every_row_once_within_the_tokens_a_rank_holds():
+    lengths = [150, 30, 20, 90, 10, 35, 12, 70]
+    seen, counts = {}, set()
+    for rank in range(4):
+        mine, group = _adaptive(lengths, rank, 4)
+        d = 1 if group is None else int(group[len("group"):group.index("@")])
+        start = 0 if group is None else int(group[group.index("@") + 1:])
+        assert group is None or start % d == 0 and start <= rank < start + d  # aligned blocks, this rank's own
+        counts.add(len(mine))  # every rank runs as many passes (None pads)
+        for micro in (m for m in mine if m is not None):
+            assert sum(lengths[i] for i in micro) <= 40 * d or len(micro) == 1
+            assert all(-(-lengths[i] // d) <= 40 for i in micro)  # a rank holds at most 40 tokens of a row
+            for i in micro:
+                seen.setdefault(i, set()).add((d, start))
+    assert len(counts) == 1
+    assert sorted(seen) == list(range(len(lengths)))
+    assert all(len(blocks) == 1 for blocks in seen.values())  # each row in one block (all its ranks)
+    assert next(iter(seen[0]))[0] == 4  # 150 tokens need 4 ranks of 40
+
+
+def test_a_row_no_block_can_hold_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"micro_batch_tokens=40 a rank at sequence-parallel degrees \(1, 2, 4\) over "
+                                         r"4 processes, actually a row has 170 tokens"):
+        _adaptive([10, 170], 0, 4)
+
+
+def test_adaptive_sequence_parallelism_needs_processes_and_no_static_degree():
+    with pytest.raises(ValueError, match="train.sequence_parallel_adaptive needs several processes"):
+        Parallel().plan_sequences((1, 2), estimated_cost_model(64, 2, 1e6, (1, 2)))
+    with pytest.raises(ValueError, match="Expect train.sequence_parallel=1 with train.sequence_parallel_adaptive"):
+        from_dict({"train": {"sequence_parallel": 2, "sequence_parallel_adaptive": True}})
