@@ -225,6 +225,9 @@ class SFTConfig(Section):
     lr: float = Field(1e-3, gt=0, description="SFT learning rate")
     episodes: int = Field(4096, gt=0, description="oracle episodes in the SFT pool")
     max_seconds: float | None = Field(None, gt=0, description="stop SFT after this long (None: run all steps)")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="padded tokens per SFT forward, gradients accumulated (None: a batch in one pass, as the "
+                                "tiny recipes; a real model's activations need it, e.g. 4096)")
     save: bool = Field(True, description="write the warm-started policy to <run folder>/warmstart as a transformers "
                                          "folder (LoRA merged): RL can start from it with model.name")
 

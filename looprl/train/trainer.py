@@ -219,6 +219,7 @@ def sft_warm_start(ctx: RunContext, expert_env) -> None:
 
         stats = run_sft(ctx.model, pool, ctx.tokenizer.pad_token_id, steps=cfg.sft.steps,
                         batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, rng=rng, max_seconds=cfg.sft.max_seconds,
+                        micro_batch_tokens=cfg.sft.micro_batch_tokens,
                         on_step=on_step)
         ctx.logger.log({f"sft/{k}": v for k, v in stats.items()}, 0)
         ctx.results["sft"] = stats

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from looprl.config import from_dict
-from looprl.train.batch import collate, policy_logprobs, reference_logprobs
+from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
 from looprl.train.logprobs import (
     CHUNK_LOGITS,
     chunked_support,
@@ -18,6 +18,7 @@ from looprl.train.logprobs import (
     token_logprobs_full,
 )
 from looprl.train.policy import build_policy
+from looprl.train.sft import sft_backward, sft_loss
 from looprl.types import Trajectory
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
@@ -289,3 +290,27 @@ def test_bfloat16_model_gives_float32_logprobs_close_to_the_full_path():
     torch.testing.assert_close(lp, token_logprobs_full(model, ids, mask, ids[:, 1:], 0.7), atol=1e-5, rtol=0)
     lp.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_micro_batched_sft_gradients_equal_the_one_pass_ones(lora):
+    """`sft.micro_batch_tokens`: each micro-batch's NLL over the whole batch's tokens, so
+    the accumulated gradient and the loss are the one-pass ones (to float rounding)."""
+    model, tokenizer = tiny(lora)
+    trajs = [Trajectory(list(range(3, 3 + n)), [0] * (n // 2) + [1] * (n - n // 2), [0.0] * n)
+             for n in (11, 4, 7, 9, 3)]
+    pad = tokenizer.pad_token_id
+
+    def backward(max_tokens):
+        model.zero_grad()
+        loss = sft_backward(model, trajs, pad, max_tokens)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_one, one = backward(None)
+    loss_split, split = backward(16)  # 4 micro-batches of these rows
+    assert len(micro_batches([len(t.input_ids) for t in trajs], 16)) > 1
+    assert loss_split == pytest.approx(loss_one, abs=1e-6)
+    assert loss_one == sft_loss(model, trajs, pad).item()
+    for name in one:
+        torch.testing.assert_close(split[name], one[name], atol=5e-6, rtol=0)
+    assert any(g.abs().max() > 1e-3 for g in one.values())  # the comparison is not of zeros
