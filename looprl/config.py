@@ -98,6 +98,10 @@ class RolloutConfig(Section):
     max_batch_size: int = Field(128, gt=0, description="the most sequences in one generate call")
     prefix_cache: bool = Field(
         True, description="keep each episode's keys/values between its turns, feeding only new tokens (hf engine)")
+    shared_prefix: bool = Field(
+        False, description="first turns whose prompts start alike (system prompt, tools) prefill their common prefix "
+                           "once (hf engine, with prefix_cache); the same distributions, not bit for bit the same "
+                           "tokens as without it")
     turn_wait_s: float | None = Field(
         None, ge=0, description="the longest a batch waits for episodes in a tool call (hf engine). None: as long "
                                 "as they take, so runs reproduce exactly on a loaded machine; a number (for slow "

@@ -34,6 +34,13 @@ ends, when the weights change (a new version) and whenever the prompt no longer 
 what was cached (only the common prefix is reused). Models whose attention is not full
 attention on every layer (sliding windows, state-space layers) decode through
 `model.generate` without it.
+
+Shared prefix (`shared_prefix=True`, off by default): the rows of a batch that have nothing
+cached (first turns) and whose prompts start alike (the system prompt and the tools'
+signatures, a group's task) reuse one prefill of their common prefix, as vLLM's automatic
+prefix caching does. A key's value depends only on the tokens before it, so this is exact
+up to float rounding (a batch of one against a batch of many): the distributions sampled
+are the same, the tokens not always bit for bit those of a run without it.
 """
 
 from __future__ import annotations
@@ -157,6 +164,9 @@ class _Pending:
     arrived: float
 
 
+MIN_SHARED_TOKENS = 16  # a shorter common prefix is not worth its own forward
+
+
 STAT_KEYS = ("generate_calls", "sequences", "sampled_tokens", "row_steps", "busy_s", "queue_wait_s", "hold_s",
              "prompt_tokens", "cached_tokens")
 
@@ -197,10 +207,12 @@ class HFEngine:
             through `model.generate`. Runs with and without it sample from the same
             distributions but, their floating-point sums differing in the last bits,
             not always the same tokens.
+        shared_prefix: first turns whose prompts start alike prefill their common prefix
+            once (see the module doc); needs the engine's own decoding (`prefix_cache`).
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, turn_wait_s: float | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, shared_prefix: bool = False):
         if max_batch_size <= 0:
             raise ValueError(f"Expect `max_batch_size` to be positive, actually: {max_batch_size}")
         if turn_wait_s is not None and turn_wait_s < 0:
@@ -214,6 +226,7 @@ class HFEngine:
         self.version = 0
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self.prefix_cache = self.own_decoding = prefix_cache and decodes_with_cache(model)
+        self.shared_prefix = shared_prefix and self.own_decoding
         self._logits_to_keep = _accepts(model, "logits_to_keep")
         # transformers 5.x names the forward's cache argument `cache`, earlier ones `past_key_values`.
         self._cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
@@ -392,6 +405,8 @@ class HFEngine:
         with self._prefix_lock:
             self._prune()
             reused = [self._reusable(key, r.prompt_ids) for key, r in zip(keys, requests)]
+        if self.shared_prefix:
+            reused = self._share_prefix(requests, reused, version)
         held = [n for _, n in reused]
         fresh = [r.prompt_ids[n:] for r, n in zip(requests, held)]
         past_len, new_len = max(held), max(len(ids) for ids in fresh)
@@ -451,6 +466,33 @@ class HFEngine:
             with self._prefix_lock:
                 self._keep(keys, requests, new_ids, mask, cache, version)
         return new_ids, logprobs
+
+    def _share_prefix(self, requests: Sequence[GenerationRequest], reused: list[tuple[_Prefix | None, int]],
+                      version: int) -> list[tuple[_Prefix | None, int]]:
+        """`reused` with the rows that hold nothing cached set to reuse one prefill of
+        their prompts' common prefix (at most all but each one's last token), when at
+        least two share `MIN_SHARED_TOKENS` or more."""
+        rows = [i for i, (_, n) in enumerate(reused) if n == 0]
+        if len(rows) < 2:
+            return reused
+        prompts = [requests[i].prompt_ids for i in rows]
+        length = min(len(p) for p in prompts) - 1
+        first = prompts[0]
+        for prompt in prompts[1:]:
+            length = next((j for j in range(length) if prompt[j] != first[j]), length)
+        if length < MIN_SHARED_TOKENS:
+            return reused
+        ids = torch.tensor([first[:length]], dtype=torch.long, device=self.device)
+        positions = torch.arange(length, device=self.device)[None]
+        cache = DynamicCache()
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
+                   use_cache=True, **{self._cache_arg: cache}, **extra)
+        shared = _Prefix(list(first[:length]), [(layer.keys[0], layer.values[0]) for layer in cache.layers], version)
+        out = list(reused)
+        for i in rows:
+            out[i] = (shared, length)
+        return out
 
     def _forget(self, episode: EpisodeTurn) -> None:
         with self._prefix_lock:

@@ -75,6 +75,7 @@ class RolloutActor:
         group_size: K, episodes per group.
         max_batch_size: the most sequences in one generate call.
         prefix_cache: keep each episode's keys and values between its turns.
+        shared_prefix: first turns that start alike prefill their common prefix once.
         threads: torch threads.
         seed: seeds the actor's sampling.
         retries, concurrency: the fault policy of `looprl.rollout.collect.EpisodePlayer` (a run passes its
@@ -84,7 +85,7 @@ class RolloutActor:
     def __init__(self, build_policy: Callable[[], tuple[Any, Any]], make_env: Callable[[], Any], *,
                  params: SamplingParams, max_tokens: int, context_window: int | None, step_timeout: float | None,
                  group_size: int, max_batch_size: int, threads: int, seed: int, prefix_cache: bool = True,
-                 retries: int = 0, concurrency: str = "thread"):
+                 shared_prefix: bool = False, retries: int = 0, concurrency: str = "thread"):
         _unnice()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -92,7 +93,7 @@ class RolloutActor:
         model.requires_grad_(False)
         # Version -1 until the trainer's first push: no group is played on the config's initial weights.
         self.engine = SnapshotEngine(model, tokenizer, version=-1, max_batch_size=max_batch_size, copy=False,
-                                     prefix_cache=prefix_cache)
+                                     prefix_cache=prefix_cache, shared_prefix=shared_prefix)
         self.group_size = group_size
         self._failures: dict[int, list[tuple[str, str]]] = {}  # per group in play: its lost attempts
         self.player = EpisodePlayer(self.engine, tokenizer, make_env, params, max_tokens=max_tokens,

@@ -67,14 +67,16 @@ class SnapshotEngine(HFEngine):
             Ray rollout actor that built its own).
         prefix_cache: keep each episode's keys and values between its turns (a push
             drops them: they were computed by the old weights).
+        shared_prefix: first turns that start alike prefill their common prefix once.
     """
 
     def __init__(self, model, tokenizer, version: int, max_batch_size: int = 64, copy: bool = True,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, shared_prefix: bool = False):
         snapshot = _copy.deepcopy(model) if copy else model
         snapshot.requires_grad_(False)
         snapshot.eval()
-        super().__init__(snapshot, tokenizer, max_batch_size=max_batch_size, prefix_cache=prefix_cache)
+        super().__init__(snapshot, tokenizer, max_batch_size=max_batch_size, prefix_cache=prefix_cache,
+                         shared_prefix=shared_prefix)
         self.version = version
         self.pushed_tensors = 0  # tensors moved by the last push (tests check LoRA moves only adapters)
         self._lock = threading.Lock()

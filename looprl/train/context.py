@@ -168,7 +168,7 @@ def build_engine(cfg: RunConfig, model, tokenizer, run_dir: Path,
         distributed = parallel is not None and parallel.distributed
         sampler_model = copy.deepcopy(model).requires_grad_(False) if distributed else model
         engine = HFEngine(sampler_model, tokenizer, max_batch_size=r.max_batch_size, turn_wait_s=r.turn_wait_s,
-                          prefix_cache=r.prefix_cache)
+                          prefix_cache=r.prefix_cache, shared_prefix=r.shared_prefix)
         return engine, GatheredWeights(engine) if distributed else SharedWeights(engine)
     if r.engine == "openai":
         from looprl.rollout.openai_engine import OpenAIEngine

@@ -77,7 +77,8 @@ def resolve_target(source: str, options: dict[str, Any], env_kwargs: dict[str, A
         settings = eval_settings(cfg)
         modes = eval_modes(cfg)
         r = cfg.rollout
-        engine = {"max_batch_size": r.max_batch_size, "turn_wait_s": r.turn_wait_s, "prefix_cache": r.prefix_cache}
+        engine = {"max_batch_size": r.max_batch_size, "turn_wait_s": r.turn_wait_s, "prefix_cache": r.prefix_cache,
+                  "shared_prefix": r.shared_prefix}
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
         label = f"{run_dir.name}/{checkpoint.name}" if run_dir is not None else str(checkpoint)
         report_dir = run_dir / "eval" if run_dir is not None else None

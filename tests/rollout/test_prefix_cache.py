@@ -14,7 +14,14 @@ import torch
 
 from looprl.envs import make_env
 from looprl.rollout.agent import ObservationTemplater, run_episode
-from looprl.rollout.engine import GenerationRequest, HFEngine, SamplingParams, _RoomyLayer, decodes_with_cache
+from looprl.rollout.engine import (
+    MIN_SHARED_TOKENS,
+    GenerationRequest,
+    HFEngine,
+    SamplingParams,
+    _RoomyLayer,
+    decodes_with_cache,
+)
 from looprl.rollout.turns import EpisodeTurn
 
 from .test_engine import prompts
@@ -192,3 +199,49 @@ def test_the_models_generation_config_does_not_bend_what_is_sampled(tiny_model_p
     expected = fresh_logprobs(model, prompt, completion.token_ids, 1.0)
     assert torch.tensor(completion.logprobs) == pytest.approx(expected, abs=2e-6)
     assert model.generation_config.repetition_penalty == 3.0 and model.generation_config.top_k == 20
+
+
+def shared_start_prompts(tokenizer, n: int = 4) -> list[list[int]]:
+    """First-turn prompts that share a long start (a system prompt), then differ."""
+    system = tokenizer.encode("Use the calculator, then answer. " * 4, add_special_tokens=False)
+    return [system + p for p in prompts(tokenizer, n)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_first_turns_that_start_alike_prefill_their_common_prefix_once(peaked_model, tokenizer, temperature):
+    """`shared_prefix`: rows with nothing cached reuse one prefill of their prompts' common
+    start, and sample from the distributions a fresh forward pass gives (greedy: the same
+    tokens as without it)."""
+    first = shared_start_prompts(tokenizer)
+    common = next(j for j in range(min(map(len, first))) if len({p[j] for p in first}) > 1)
+    assert common >= MIN_SHARED_TOKENS
+    params = SamplingParams(10, temperature)
+    keys = [EpisodeTurn(i) for i in range(len(first))]
+    shared = HFEngine(peaked_model, tokenizer, shared_prefix=True)
+    torch.manual_seed(0)
+    out = shared.generate_batch([GenerationRequest(p, params) for p in first], keys)
+
+    assert shared.stats["cached_tokens"] == common * len(first)  # every row skipped the shared start
+    for prompt, completion in zip(first, out):
+        expected = fresh_logprobs(peaked_model, prompt, completion.token_ids, temperature)
+        assert torch.tensor(completion.logprobs) == pytest.approx(expected, abs=2e-6)
+    # The next turn reuses each episode's own cache, which holds the shared start too.
+    second = [p + c.token_ids + tokenizer.encode("\nresult: 42\n", add_special_tokens=False)
+              for p, c in zip(first, out)]
+    again = shared.generate_batch([GenerationRequest(p, params) for p in second], keys)
+    for prompt, completion in zip(second, again):
+        expected = fresh_logprobs(peaked_model, prompt, completion.token_ids, temperature)
+        assert torch.tensor(completion.logprobs) == pytest.approx(expected, abs=2e-6)
+    if temperature == 0:
+        plain = HFEngine(peaked_model, tokenizer).generate_batch([GenerationRequest(p, params) for p in first], keys)
+        assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+
+
+def test_a_shared_prefix_needs_two_rows_alike_and_the_engines_own_decoding(peaked_model, tokenizer):
+    params = SamplingParams(4, 0.0)
+    alone = HFEngine(peaked_model, tokenizer, shared_prefix=True)
+    alone.generate_batch([GenerationRequest(shared_start_prompts(tokenizer, 1)[0], params)])
+    unlike = HFEngine(peaked_model, tokenizer, shared_prefix=True)
+    unlike.generate_batch([GenerationRequest(p, params) for p in prompts(tokenizer, 3)])  # no long common start
+    assert alone.stats["cached_tokens"] == unlike.stats["cached_tokens"] == 0
+    assert not HFEngine(peaked_model, tokenizer, prefix_cache=False, shared_prefix=True).shared_prefix

@@ -161,7 +161,8 @@ class Streaming:
             self.producer = RayRolloutProducer(self.engine, tokenizer, **common)
         else:
             self.engine = SnapshotEngine(ctx.model, tokenizer, ctx.version, max_batch_size=cfg.rollout.max_batch_size,
-                                         prefix_cache=cfg.rollout.prefix_cache)
+                                         prefix_cache=cfg.rollout.prefix_cache,
+                                         shared_prefix=cfg.rollout.shared_prefix)
             self.producer = RolloutProducer(self.engine, tokenizer, lambda: make_env(cfg.env.id, **cfg.env.kwargs),
                                             **common)
         self._last["t"] = time.perf_counter()
@@ -217,7 +218,7 @@ def start_ray_pool(cfg: RunConfig, params: SamplingParams):
         make_env=functools.partial(make_env, cfg.env.id, **cfg.env.kwargs),
         params=params, max_tokens=cfg.env.max_tokens, context_window=r.context_window,
         step_timeout=r.env_step_timeout, group_size=r.group_size, max_batch_size=r.max_batch_size,
-        prefix_cache=r.prefix_cache, threads=cfg.threads, seed=cfg.seed, retries=r.env_retries,
+        prefix_cache=r.prefix_cache, shared_prefix=r.shared_prefix, threads=cfg.threads, seed=cfg.seed, retries=r.env_retries,
         concurrency=cfg.env.concurrency,
     )
     try:
