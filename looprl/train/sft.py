@@ -49,12 +49,12 @@ def sft_backward(model, trajectories: Sequence[Trajectory], pad_id: int, max_tok
     device = next(model.parameters()).device
     batches = [collate([trajectories[i] for i in group], pad_id, device=device) for group in groups]
     total = max(float(sum(batch.loss_mask.sum() for batch in batches)), 1.0)
-    loss_value = 0.0
+    loss_sum = torch.zeros((), device=device)
     for batch in batches:
         loss = -masked_sum(policy_logprobs(model, batch), batch.loss_mask) / total
         loss.backward()
-        loss_value += loss.item()
-    return loss_value
+        loss_sum += loss.detach()  # one host sync per step, not one per micro-batch
+    return loss_sum.item()
 
 
 def run_sft(
