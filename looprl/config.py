@@ -385,6 +385,9 @@ class RunConfig(Section):
         if r.mode == "async" and r.engine != "hf":
             raise ValueError(f"rollout.mode=async plays on copies of the policy (hf engine): rollout.engine="
                              f"{r.engine} serves the weights pushed after each step; set rollout.mode=sync")
+        if r.shared_prefix and (r.engine != "hf" or not r.prefix_cache):
+            raise ValueError("rollout.shared_prefix=true needs the hf engine's own decoding: set rollout.engine=hf "
+                             "and rollout.prefix_cache=true, or leave it false")
         if r.decoupled_loss and r.recompute_logprobs:
             raise ValueError("rollout.decoupled_loss=true already recomputes logprobs under the current policy and "
                              "keeps the behaviour's for its weights: set rollout.recompute_logprobs=false")

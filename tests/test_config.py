@@ -67,6 +67,12 @@ def test_bad_value_names_key_path_and_expectation(override, expected):
     assert expected in str(info.value)
 
 
+def test_a_shared_prefix_without_the_prefix_cache_is_refused():
+    with pytest.raises(ConfigError, match="rollout.shared_prefix=true needs the hf engine's own decoding"):
+        load_config(QUICKSTART, ["rollout.shared_prefix=true"])  # the quickstart decodes through model.generate
+    assert load_config(QUICKSTART, ["rollout.shared_prefix=true", "rollout.prefix_cache=true"]).rollout.shared_prefix
+
+
 def test_overrides_are_parsed_as_yaml_values():
     cfg = load_config(QUICKSTART, [
         "algorithm.clip_eps=0.2", "eval.greedy=false", "model.tiny.hidden_size=64",
