@@ -20,15 +20,15 @@ with other runs, only with each other.
 
     python bench/packing.py [--trajectories 256] [--minibatch 64] [--tokens 4096] [--row-tokens 1024] [--hidden 256] [--layers 4]
 
-Measured (`--trajectories 128 --repeats 2`, 1 thread, on a 2-core machine at load 4.3):
-padded 8 micro-batches, 28,595 tokens computed (66% real), 480 tokens/s; packed 6
-micro-batches, 21,482 tokens computed (89% real), 346 tokens/s: packed / padded 0.72x.
-Packing computes 25% fewer tokens, but PyTorch's CPU attention under a block-diagonal
-mask still computes every query-key pair of a 1,024-token row, where the length-sorted
-padded rows of short trajectories are short: the attention it adds outweighs the
-padding it saves. Packing pays where attention skips what the mask hides (varlen
-flash attention, which transformers drives from the same `position_ids`); that is not
-measured here.
+Measured (`--trajectories 128 --repeats 2`, 1 thread, on a 2-core machine at load 3.8,
+2026-12-04): padded 8 micro-batches, 28,595 tokens computed (66% real), 1,521 tokens/s;
+packed 6 micro-batches, 21,482 tokens computed (89% real), 2,025 tokens/s: packed / padded
+1.33x. Before `packing.confined_attention` (sdpa under the block-diagonal mask, which
+computes every query-key pair of a 1,024-token row) the same command gave 0.72x at load
+4.3. The gain is the padding saved, no more: 1.48x with `--minibatch 32` (57% real
+padded), 0.98x with `--sigma 1.5` (73% real padded, 84% packed, where the rows of
+1,024-token trajectories dominate both). The issue's >= 2x needs a mix with more padding
+than length-sorted micro-batches leave, or a GPU's varlen kernels (not measured here).
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ or with an `attention_mask`, it falls back to one causal mask over the whole row
 attention leaks across trajectories; `packing_support` checks on a short probe, once
 per model, that it does not.
 
+A block-diagonal mask still makes sdpa compute every query-key pair of a row (on a CPU,
+and on a GPU without flash-attention's varlen kernels), so the packed forward runs under
+`confined_attention`: each trajectory's queries, keys and values are gathered into
+right-padded batches of like lengths and go through causal sdpa on their own (the
+varlen kernels' work, sum of L^2 instead of N^2 a row; right padding needs no mask, as no
+real query sees a later key). Everything else (a cache, a padding mask) is plain sdpa.
+
 Everything target-aligned sits at the position that predicts its token, as in `Batch`:
 position t of a row predicts token t+1, so a trajectory's last position (which would
 predict the next trajectory's first token) and the row's tail padding predict nothing
@@ -21,17 +28,24 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from looprl.algorithms.core import token_logprobs
 from looprl.train.logprobs import default_chunk_tokens, lm_parts
+from looprl.train.zero import unwrap
 from looprl.types import Trajectory
 
 PROBE_LENGTHS = (5, 3)  # two trajectories in one row: the second must not see the first
+DOCUMENTS_ATTENTION = "looprl_documents"  # `confined_attention`'s name in transformers' AttentionInterface
 
 # Per model: None when attention stays inside each packed trajectory, else why not.
 _SUPPORT: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
@@ -219,10 +233,13 @@ def packed_policy_logprobs(model, packed: PackedBatch, temperature: float = 1.0,
     targets = packed.input_ids[:, 1:]  # (R, N-1)
     parts = lm_parts(model)
     if parts is None:  # no body and head of its own: the model's full logits
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+        with confined_attention(unwrap(model)):
+            logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
         return token_logprobs(logits[:, :-1].float() / temperature, targets)
     body, head, softcap = parts
-    hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    with confined_attention(unwrap(model)):
+        hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                      use_cache=False).last_hidden_state
     flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (R * (N-1), hidden)
     flat_targets = targets.reshape(-1)
     chunk_tokens = chunk_tokens or default_chunk_tokens(model)
@@ -280,7 +297,7 @@ def _probe(model) -> str | None:
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()  # two forwards under dropout would differ by chance
-        with torch.no_grad():
+        with torch.no_grad(), confined_attention(unwrap(model)):
             logits = torch.cat([model(input_ids=ids[i:i + 1], position_ids=positions[i:i + 1], use_cache=False)
                                 .logits[:, first:].float() for i in range(2)])
     finally:
@@ -293,3 +310,111 @@ def _probe(model) -> str | None:
         return (f"with attn_implementation={implementation!r} a trajectory's logits change with the one packed "
                 f"before it, by {error:.3g} (> {tolerance:.3g})")
     return None
+
+
+# --- attention that computes only within each packed trajectory -----------------------------
+
+
+@contextmanager
+def confined_attention(model) -> Iterator[None]:
+    """Inside the block, a forward of `model` without a mask or cache computes attention within
+    each packed trajectory only (`documents_attention`), if its attention is sdpa without sliding
+    windows; else unchanged (flash-attention's varlen kernels, eager: the model's own). Restored on exit."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa" or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        yield  # a sliding window: transformers' own block mask over the window
+        return
+    config._attn_implementation = DOCUMENTS_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def bucket_length(n: int) -> int:
+    """`n` rounded up to a multiple of an eighth of the power of two at or above it (at least 16): a trajectory's
+    padded length in `documents_attention`, so that few sdpa calls cover many lengths.
+
+    >>> [bucket_length(n) for n in (1, 16, 17, 100, 1000, 1025)]
+    [16, 16, 32, 112, 1024, 1280]
+    """
+    step = max(16, 1 << max(0, (n - 1).bit_length() - 3))
+    return -(-n // step) * step
+
+
+def document_spans(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every trajectory of (B, S) `position_ids`: one starts wherever
+    the position does not follow the previous one (as transformers' `find_packed_sequence_indices`).
+
+    >>> document_spans(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]))
+    [(0, 0, 3), (0, 3, 2), (1, 0, 5)]
+    """
+    rows, width = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    flat = starts.reshape(-1).nonzero()[:, 0].tolist()  # one host sync a forward (per layer: cheap)
+    ends = [*flat[1:], rows * width]
+    spans = []
+    for begin, end in zip(flat, ends):
+        row = begin // width
+        end = min(end, (row + 1) * width)
+        spans.append((row, begin - row * width, end - begin))
+    return spans
+
+
+def documents_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """`AttentionInterface`'s signature: query (B, H, S, D), key and value (B, H_kv, S, D);
+    returns (B, S, H, D). Without a mask or cache and with `position_ids`, attention within
+    each trajectory; otherwise transformers' sdpa."""
+    if position_ids is None or attention_mask is not None or key.shape[2] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("sliding_window") is not None:  # `confined_attention` does not switch such models
+        raise ValueError("Expected no sliding window in documents_attention, actually "
+                         f"{kwargs['sliding_window']}: it would attend across packed trajectories")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("Expected no attention softcap in documents_attention (sdpa has none), actually "
+                         f"{kwargs['softcap']}")
+    batch, heads, width, dim = query.shape
+    spans = document_spans(position_ids.expand(batch, -1))
+    if len(spans) == batch:  # one trajectory a row: plain causal attention
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    key, value = (repeat_kv(t, heads // t.shape[1]) for t in (key, value))
+    flat = [t.transpose(1, 2).reshape(batch * width, heads, dim) for t in (query, key, value)]  # (B*S, H, D)
+    buckets: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        buckets.setdefault(bucket_length(span[2]), []).append(span)
+    outputs, order = [], []
+    last = batch * width - 1
+    for padded, members in buckets.items():
+        offsets = torch.arange(padded, device=query.device)
+        first = torch.tensor([row * width + start for row, start, _ in members], device=query.device)
+        index = (first[:, None] + offsets).clamp(max=last)  # (n, P): past a trajectory's end, any token
+        q, k, v = (t[index].transpose(1, 2) for t in flat)  # (n, H, P, D)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        keep = offsets < torch.tensor([n for _, _, n in members], device=query.device)[:, None]  # (n, P)
+        outputs.append(out.transpose(1, 2)[keep])  # (real tokens, H, D)
+        order.append(index[keep])
+    order = torch.cat(order)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(outputs)[inverse].view(batch, width, heads, dim), None
+
+
+def _documents_mask(*, attention_mask: torch.Tensor | None = None, q_length: int, kv_length: int,
+                    q_offset: int = 0, kv_offset: int = 0, **kwargs) -> torch.Tensor | None:
+    """The mask function transformers calls for `DOCUMENTS_ATTENTION`: none where
+    `documents_attention` confines attention itself (no padding mask, no cache), else sdpa's,
+    always materialised (so that a None reaching the attention means the former)."""
+    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+        return None
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, **kwargs)
+
+
+AttentionInterface.register(DOCUMENTS_ATTENTION, documents_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(DOCUMENTS_ATTENTION, _documents_mask)

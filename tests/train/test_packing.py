@@ -239,3 +239,66 @@ def test_unpack_refuses_values_of_another_layout(plain):
     packed = collate_packed(trajectories(len(tokenizer)), tokenizer.pad_token_id, max_tokens=32)
     with pytest.raises(ValueError, match=r"^Expected values of shape \(R, N-1\) = \(3, 199\), actually \(3, 200\)$"):
         unpack(packed, packed.input_ids.float())
+
+
+# --- attention computed within each trajectory (`confined_attention`) -----------------------
+
+
+class Heads(torch.nn.Module):
+    num_key_value_groups = 2  # 4 query heads over 2 KV heads
+    is_causal = True
+
+
+def test_documents_attention_equals_sdpa_under_the_block_mask():
+    """Trajectories of 1-70 tokens (one crossing a bucket's edge) in two rows: the outputs and
+    the gradients of queries, keys and values equal sdpa's under transformers' block-diagonal mask."""
+    from looprl.train.ulysses import block_causal_mask
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = [[1, 17, 70, 2], [33, 16, 41]]
+    width = max(sum(row) for row in lengths)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row + [width - sum(row)] if n]) for row in lengths])
+    q = torch.randn(2, 4, width, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, width, 8, generator=generator, requires_grad=True) for _ in range(2))
+    out, _ = packing.documents_attention(Heads(), q, k, v, None, scaling=0.3, position_ids=positions)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=block_causal_mask(positions),
+        scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    weights = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert packing.document_spans(positions)[:4] == [(0, 0, 1), (0, 1, 17), (0, 18, 70), (0, 88, 2)]
+
+
+def test_the_packed_forward_computes_attention_per_trajectory(plain, monkeypatch):
+    """The documents path is the one taken (once a layer), and leaves the model's attention as it was."""
+    model, tokenizer = plain
+    calls = []
+    spans = packing.document_spans
+    monkeypatch.setattr(packing, "document_spans", lambda p: calls.append(p.shape) or spans(p))
+    packed = collate_packed(trajectories(len(tokenizer)), tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed_policy_logprobs(model, packed)
+    assert len(calls) == TINY["num_layers"]
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_inside_confined_attention_padded_and_cached_forwards_are_unchanged(plain):
+    """A padding mask and a KV cache keep sdpa's semantics inside the block."""
+    model, tokenizer = plain
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        outside = model(input_ids=ids, attention_mask=mask).logits
+        cached = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        step = model(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=cached.past_key_values).logits
+        with packing.confined_attention(model):
+            inside = model(input_ids=ids, attention_mask=mask).logits
+            cached_in = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+            step_in = model(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=cached_in.past_key_values).logits
+    real = mask.bool()
+    torch.testing.assert_close(inside[real], outside[real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(step_in, step, atol=1e-6, rtol=0)
