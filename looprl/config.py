@@ -153,7 +153,15 @@ class UpdateConfig(Section):
     micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (gradients accumulate)")
 
 
-class LoopConfig(UpdateConfig):
+class PolicyGradientConfig(UpdateConfig):
+    """The policy-gradient updates' (LOOP, GRPO) own settings."""
+
+    packing: bool = Field(
+        False, description="train on rows packed end to end without padding (looprl.train.packing; attention within "
+        "each trajectory): micro_batch_tokens then counts real tokens, not padded ones")
+
+
+class LoopConfig(PolicyGradientConfig):
     """LOOP (leave-one-out PPO); see looprl/algorithms/loop.py."""
 
     name: Literal["loop"] = Field("loop", description="RL algorithm")
@@ -166,7 +174,7 @@ class LoopConfig(UpdateConfig):
     max_len: int | None = Field(None, gt=0, description="seq-mean-token-sum-norm divisor (None: env.max_tokens)")
 
 
-class GRPOConfig(UpdateConfig):
+class GRPOConfig(PolicyGradientConfig):
     """GRPO and its variants (Dr. GRPO, DAPO); see looprl/algorithms/grpo.py."""
 
     name: Literal["grpo"] = Field("grpo", description="RL algorithm")
@@ -356,6 +364,14 @@ class RunConfig(Section):
         if algo.dataset is not None and algo.label_smoothing > 0:
             raise ValueError("Offline DPO runs TRL's DPOTrainer, whose 'sigmoid' and 'ipo' losses ignore "
                              "label_smoothing: set algorithm.label_smoothing=0")
+        return self
+
+    @model_validator(mode="after")
+    def _packing_alone(self) -> "RunConfig":
+        if getattr(self.algorithm, "packing", False) and (self.train.sequence_parallel > 1
+                                                          or self.train.sequence_parallel_adaptive):
+            raise ValueError("algorithm.packing=true packs whole rows on one rank: set train.sequence_parallel=1 and "
+                             "train.sequence_parallel_adaptive=false, or algorithm.packing=false")
         return self
 
     @model_validator(mode="after")

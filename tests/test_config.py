@@ -167,3 +167,14 @@ def test_pinned_cpus_need_a_local_ray_cluster(overrides):
     with pytest.raises(ConfigError, match="rollout.ray_pin_cpus=true splits this machine's cores"):
         load_config(QUICKSTART, overrides)
     load_config(QUICKSTART, ["rollout.mode=async", "rollout.backend=ray", "rollout.ray_pin_cpus=true"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["algorithm.packing=true", "train.sequence_parallel=2"], "algorithm.packing=true packs whole rows on one rank"),
+    (["algorithm.packing=true", "train.sequence_parallel_adaptive=true"],
+     "algorithm.packing=true packs whole rows on one rank"),
+])
+def test_packing_is_for_the_policy_gradient_update_on_whole_rows(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(QUICKSTART, overrides)
+    assert load_config(QUICKSTART, ["algorithm.packing=true"]).algorithm.packing

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -123,6 +124,13 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 def reference_logprobs(model, batch: Batch, temperature: float = 1.0, sequence_group=None) -> torch.Tensor:
     """Logprobs under the reference policy: the same model with its LoRA adapter disabled,
     so the reference costs a forward pass, not a second copy of the weights."""
+    with reference_policy(model):
+        return policy_logprobs(model, batch, temperature, sequence_group)
+
+
+@contextlib.contextmanager
+def reference_policy(model) -> Iterator[None]:
+    """Inside the block, `model` (a LoRA policy) computes as its reference: its adapter disabled."""
     from peft import PeftModel
 
     from looprl.train.zero import unwrap
@@ -131,4 +139,4 @@ def reference_logprobs(model, batch: Batch, temperature: float = 1.0, sequence_g
     if not isinstance(policy, PeftModel):
         raise ValueError("A KL penalty needs lora.enabled=true: the reference is the model with its adapter disabled")
     with policy.disable_adapter():
-        return policy_logprobs(model, batch, temperature, sequence_group)
+        yield

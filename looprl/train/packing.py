@@ -40,6 +40,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from looprl.algorithms.core import token_logprobs
+from looprl.train.balance import balanced_micro_batches
+from looprl.train.batch import Batch
 from looprl.train.logprobs import default_chunk_tokens, lm_parts
 from looprl.train.zero import unwrap
 from looprl.types import Trajectory
@@ -212,6 +214,32 @@ def unpack(packed: PackedBatch, values: torch.Tensor) -> torch.Tensor:
     flat = packed.rows.to(values.device).unsqueeze(1) * expected[1] + columns  # (B, L-1)
     gathered = values.reshape(expected[0] * expected[1], *values.shape[2:])[flat]
     return torch.where(valid.view(*valid.shape, *[1] * (values.dim() - 2)), gathered, torch.zeros_like(gathered))
+
+
+def as_batch(packed: PackedBatch, pad_id: int) -> Batch:
+    """The `Batch` that `collate` gives for the same trajectories (equal, tensor for tensor),
+    built from `packed`: what the losses read next to the `unpack`ed log-probs."""
+    length = int(packed.lengths.max())
+    device = packed.input_ids.device
+    offsets = torch.arange(length, device=device)
+    valid = offsets < packed.lengths.unsqueeze(1)  # (B, L)
+    width = packed.input_ids.shape[1]
+    flat = packed.rows.unsqueeze(1) * width + (packed.starts.unsqueeze(1) + offsets).clamp(max=width - 1)
+    input_ids = torch.where(valid, packed.input_ids.reshape(-1)[flat], pad_id)
+    proximal = None if packed.proximal_logprobs is None else unpack(packed, packed.proximal_logprobs)
+    return Batch(input_ids, valid.long(), unpack(packed, packed.loss_mask), unpack(packed, packed.old_logprobs),
+                 packed.advantages, unpack(packed, packed.segments), proximal)
+
+
+def packed_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches of at most `max_tokens` tokens (their sum: packed, nothing pads), balanced,
+    heaviest first; a row longer than the budget alone (`balance.balanced_micro_batches`).
+
+    >>> packed_micro_batches([100, 30, 30, 20, 10, 10], max_tokens=100)
+    [[0], [1, 2, 3, 4, 5]]
+    """
+    (groups,) = balanced_micro_batches(lengths, world_size=1, max_tokens=max_tokens)
+    return [group for group in groups if group]
 
 
 def packed_policy_logprobs(model, packed: PackedBatch, temperature: float = 1.0,

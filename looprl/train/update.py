@@ -21,7 +21,8 @@ from looprl.algorithms.core import PairLossInputs, PolicyLossInputs, behaviour_w
 from looprl.algorithms.dpo import sequence_logps
 from looprl.algorithms.grpo import kl_k3
 from looprl.train.balance import karmarkar_karp
-from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs
+from looprl.train.batch import collate, micro_batches, policy_logprobs, reference_logprobs, reference_policy
+from looprl.train.packing import as_batch, collate_packed, packed_micro_batches, packed_policy_logprobs, unpack
 from looprl.train.parallel import Parallel
 from looprl.train.sp_planner import heuristic_plan
 from looprl.train.ulysses import degree, split_sequences
@@ -210,6 +211,7 @@ def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Ro
     with several ranks, every rank passes the same rows and trains on its share. Returns the
     update's metrics and `trained_row_tokens`, the rows' lengths (sorted)."""
     update = cfg.algorithm
+    split = packed_micro_batches if update.packing else micro_batches  # by real or by padded tokens
 
     def micro_step(micro: Sequence[Row], total: float, group) -> dict[str, float]:
         return policy_micro_step(cfg, algorithm, model, tokenizer.pad_token_id, micro, total, sequence_group=group)
@@ -218,7 +220,7 @@ def update_policy(cfg, algorithm, model, tokenizer, optimizer, rows: Sequence[Ro
         model, optimizer, rows, epochs=update.epochs, minibatch_size=update.minibatch_size,
         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, count=lambda micro: policy_count(algorithm, micro),
         micro_step=micro_step,
-        plan=lambda micro, tokens=update.micro_batch_tokens: micro_batches([len(t.input_ids) for t, _ in micro], tokens),
+        plan=lambda micro, tokens=update.micro_batch_tokens: split([len(t.input_ids) for t, _ in micro], tokens),
         size=lambda row: len(row[0].input_ids), parallel=parallel, before_step=before_step,
         max_tokens=update.micro_batch_tokens,
     )
@@ -245,11 +247,20 @@ def policy_micro_step(cfg, algorithm, model, pad_id: int, rows: Sequence[Row], t
 
 def _policy_micro_step(cfg, algorithm, model, pad_id: int, rows: Sequence[Row], total: float,
                        group) -> dict[str, float]:
-    batch = collate([t for t, _ in rows], pad_id, [a for _, a in rows], device=model_device(model))
-    logprobs = policy_logprobs(model, batch, cfg.rollout.temperature, group)
-    old_logprobs, ref, weights, decoupled = batch.old_logprobs, None, None, {}
-    if algorithm.needs_reference:
-        ref = reference_logprobs(model, batch, cfg.rollout.temperature, group)
+    temperature, ref = cfg.rollout.temperature, None
+    if getattr(cfg.algorithm, "packing", False):  # the rows end to end, the losses on the padded layout
+        packed = collate_packed([t for t, _ in rows], pad_id, [a for _, a in rows], device=model_device(model))
+        batch = as_batch(packed, pad_id)
+        logprobs = unpack(packed, packed_policy_logprobs(model, packed, temperature))
+        if algorithm.needs_reference:
+            with reference_policy(model), torch.no_grad():
+                ref = unpack(packed, packed_policy_logprobs(model, packed, temperature))
+    else:
+        batch = collate([t for t, _ in rows], pad_id, [a for _, a in rows], device=model_device(model))
+        logprobs = policy_logprobs(model, batch, temperature, group)
+        if algorithm.needs_reference:
+            ref = reference_logprobs(model, batch, temperature, group)
+    old_logprobs, weights, decoupled = batch.old_logprobs, None, {}
     if batch.proximal_logprobs is not None:
         # Decoupled PPO: clip around the proximal policy, weight by pi_prox / pi_behaviour.
         old_logprobs = batch.proximal_logprobs

@@ -56,11 +56,13 @@ def update(mode: str, out: Path, first: int, last: int, load: Path | None, save:
     """Updates `first`..`last - 1` on fixed rows, from a fresh policy or the checkpoint `load`;
     the policy checkpointed to `save` after them (as `looprl train` does)."""
     torch.set_num_threads(1)
+    packing = mode.endswith("_packed")  # the rows end to end (algorithm.packing)
+    mode = mode.removesuffix("_packed")
     lora = mode in ("lora", "lora_kl")
     kl = {"name": "grpo", "kl_coef": 0.5} if mode == "lora_kl" else {}  # the reference: the adapter disabled
     cfg = from_dict({"model": {"tiny": TINY}, "lora": {"enabled": lora, "r": 4, "alpha": 8},
                      "algorithm": {"epochs": 2, "minibatch_size": 4, "micro_batch_tokens": 64, "loss_agg": "token-mean",
-                                   **kl},
+                                   "packing": packing, **kl},
                      "optim": {"lr": 1e-2, "weight_decay": 0.0, "grad_clip": 1.0}})
     torch.manual_seed(0)
     model, tokenizer = build_policy(cfg)

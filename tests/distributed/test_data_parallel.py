@@ -102,6 +102,18 @@ def test_fsdp2_updates_equal_one_process(one_process, tmp_path):
         assert all("lora_" in k for k in two["state"]), "LoRA trains (and gathers) the adapter only"
 
 
+def test_fsdp2_packed_updates_equal_one_padded_process(one_process, tmp_path):
+    """`algorithm.packing` under FSDP2 (each rank packs its share): the padded single process's updates."""
+    mode, one = one_process
+    run("update", f"{mode}_packed", tmp_path / "two.pt", 0, 3, ranks=2)
+    two = load(tmp_path / "two.pt")
+    assert two["world"] == 2 and [m["train/optimizer_steps"] for m in two["metrics"]] == [6, 6, 6]
+    for a, b in zip(one["metrics"], two["metrics"]):
+        assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    close(one["state"], two["state"])
+
+
 def skip_without_deepspeed() -> None:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")

@@ -298,3 +298,21 @@ def test_the_engine_waits_for_tool_calls_as_long_as_the_config_says(tmp_path):
 
     engine = open_run(tiny_recipe(tmp_path, rollout={"turn_wait_s": 7.5}), resume=False, overwrite=False).engine
     assert engine.turn_wait_s == 7.5
+
+
+def test_a_packed_recipe_plays_and_trains_as_the_padded_one(tmp_path):
+    """`algorithm.packing`: same episodes, same losses (float rounding), several micro-batches a minibatch."""
+    algorithm = {"micro_batch_tokens": 160, "loss_agg": "token-mean"}
+    padded = tiny_recipe(tmp_path / "padded", algorithm=algorithm, train={"steps": 3})
+    packed = tiny_recipe(tmp_path / "packed", algorithm={**algorithm, "packing": True}, train={"steps": 3})
+    train(padded)
+    train(packed)
+    records = list(zip(rl_records(padded.run_dir), rl_records(packed.run_dir), strict=True))
+    assert len(records) == 3 and sum(a["train/optimizer_steps"] for a, _ in records) > 0
+    for a, b in records:
+        assert {k: v for k, v in a.items() if k.startswith("rollout/")} == \
+            {k: v for k, v in b.items() if k.startswith("rollout/")}
+        assert a["train/optimizer_steps"] == b["train/optimizer_steps"]
+        if a["train/optimizer_steps"]:
+            assert b["train/pg_loss"] == pytest.approx(a["train/pg_loss"], abs=1e-6)
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
