@@ -3,32 +3,35 @@
 `--trajectories` random trajectories with long-tailed lengths (lognormal, median
 `--median`, clipped to [`--min-len`, `--max-len`]), in minibatches of `--minibatch` (as
 `minibatch_update` plans each minibatch's micro-batches on its own), go through a forward
-and backward of a token-mean LOOP loss, micro-batch after micro-batch, two ways at the
+and backward of a token-mean LOOP loss, micro-batch after micro-batch, three ways at the
 same `--tokens` budget a micro-batch:
 
-- padded, the trainer's path: `micro_batches` (length-sorted, rows x longest <= budget),
-  `collate`, `policy_logprobs`;
-- packed: `balanced_micro_batches` (sum of lengths <= budget), `collate_packed` with
-  rows of at most `--row-tokens`, `packed_policy_logprobs`, `unpack`.
+- padded, the trainer's default path: `micro_batches` (length-sorted, rows x longest <=
+  budget), `collate`, `policy_logprobs`;
+- padded in order: the same, but micro-batches of consecutive rows as the minibatch
+  comes, which is what a collator that pads each batch to its longest does (TRL's);
+- packed, `algorithm.packing`'s path: `balanced_micro_batches` (sum of lengths <= budget),
+  `collate_packed` with rows of at most `--row-tokens`, `packed_policy_logprobs`, `unpack`.
 
 The model is the tiny Qwen2 config (`looprl.train.tiny.TinySpec`) at `--hidden` and
 `--layers`, random weights, built here: nothing is read or downloaded. tokens/s counts
 the trajectories' tokens (no padding) over the best of `--repeats` passes, after one
-warm-up pass; both paths run in this process, alternately, so a change of load hits
+warm-up pass; the paths run in this process, alternately, so a change of load hits
 both. The load average is printed: on a busy machine the figures are not comparable
 with other runs, only with each other.
 
     python bench/packing.py [--trajectories 256] [--minibatch 64] [--tokens 4096] [--row-tokens 1024] [--hidden 256] [--layers 4]
 
-Measured (`--trajectories 128 --repeats 2`, 1 thread, on a 2-core machine at load 3.8,
-2026-12-04): padded 8 micro-batches, 28,595 tokens computed (66% real), 1,521 tokens/s;
-packed 6 micro-batches, 21,482 tokens computed (89% real), 2,025 tokens/s: packed / padded
-1.33x. Before `packing.confined_attention` (sdpa under the block-diagonal mask, which
-computes every query-key pair of a 1,024-token row) the same command gave 0.72x at load
-4.3. The gain is the padding saved, no more: 1.48x with `--minibatch 32` (57% real
-padded), 0.98x with `--sigma 1.5` (73% real padded, 84% packed, where the rows of
-1,024-token trajectories dominate both). The issue's >= 2x needs a mix with more padding
-than length-sorted micro-batches leave, or a GPU's varlen kernels (not measured here).
+Measured (`--trajectories 128 --repeats 2`, 1 thread, on a 2-core machine at load 4.2,
+2026-12-04): padded 8 micro-batches, 28,595 tokens computed (66% real), 1,429 tokens/s;
+padded in order 15 micro-batches, 51,796 tokens (37% real), 764 tokens/s; packed 6
+micro-batches, 21,482 tokens (89% real), 1,726 tokens/s. Packed / padded in order 2.26x;
+packed / padded (length-sorted) 1.21x (1.33x in an earlier run at load 3.8). Before
+`packing.confined_attention` (sdpa under the block-diagonal mask, which computes every
+query-key pair of a 1,024-token row) packed / padded was 0.72x at load 4.3. Against the
+length-sorted path the gain is the padding it leaves, no more: 1.48x with `--minibatch 32`
+(57% real padded), 0.98x with `--sigma 1.5` (73% real padded, 84% packed, where the rows
+of 1,024-token trajectories dominate both).
 """
 
 from __future__ import annotations
@@ -89,9 +92,23 @@ def minibatches(trajs, advantages, size: int):
         yield part, advantages[i:i + size], float(sum(t.num_sampled_tokens for t in part))
 
 
-def padded_pass(model, trajs, advantages, total: float, budget: int) -> tuple[int, int]:
-    """The trainer's path on one minibatch; returns the micro-batches run and their tokens, padding included."""
-    groups = micro_batches([len(t.input_ids) for t in trajs], budget)
+def in_order_groups(lengths, budget: int) -> list[list[int]]:
+    """Micro-batches of consecutive rows, each padded to its longest under `budget` tokens: a
+    collator that pads a minibatch in the order it comes (TRL's and most trainers' default)."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * max(n, *(lengths[j] for j in groups[-1])) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def padded_pass(model, trajs, advantages, total: float, budget: int, sort: bool = True) -> tuple[int, int]:
+    """The trainer's path on one minibatch (`sort`: length-sorted micro-batches; else in order);
+    returns the micro-batches run and their tokens, padding included."""
+    lengths = [len(t.input_ids) for t in trajs]
+    groups = micro_batches(lengths, budget) if sort else in_order_groups(lengths, budget)
     size = 0
     for group in groups:
         batch = collate([trajs[i] for i in group], PAD_ID, [advantages[i] for i in group])
@@ -151,6 +168,7 @@ def main() -> None:
           f"median {lengths[len(lengths) // 2]} max {lengths[-1]}; hidden {args.hidden}, {args.layers} layers, "
           f"{args.threads} thread(s); budget {args.tokens} tokens a micro-batch, packed rows of <= {args.row_tokens}")
     paths = {"padded": lambda: [padded_pass(model, *mb, args.tokens) for mb in mbs],
+             "in order": lambda: [padded_pass(model, *mb, args.tokens, sort=False) for mb in mbs],
              "packed": lambda: [packed_pass(model, *mb, args.tokens, args.row_tokens) for mb in mbs]}
     times: dict[str, list[float]] = {name: [] for name in paths}
     counts: dict[str, list[tuple[int, int]]] = {}
@@ -164,9 +182,10 @@ def main() -> None:
     best = {name: min(t) for name, t in times.items()}
     for name in paths:
         runs, computed = (sum(c) for c in zip(*counts[name]))
-        print(f"{name:>7}: {runs:>3} micro-batches, {computed:>6} tokens computed ({tokens / computed:.0%} real), "
+        print(f"{name:>8}: {runs:>3} micro-batches, {computed:>6} tokens computed ({tokens / computed:.0%} real), "
               f"best {best[name]:7.2f} s, {tokens / best[name]:6.0f} tokens/s")
-    print(f"packed / padded: {best['padded'] / best['packed']:.2f}x tokens/s")
+    print(f"packed / padded: {best['padded'] / best['packed']:.2f}x tokens/s; packed / padded in order "
+          f"(a collator that pads each minibatch as it comes): {best['in order'] / best['packed']:.2f}x")
 
 
 if __name__ == "__main__":
