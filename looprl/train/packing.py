@@ -406,12 +406,12 @@ def documents_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if kwargs.get("softcap") is not None:
         raise ValueError("Expected no attention softcap in documents_attention (sdpa has none), actually "
                          f"{kwargs['softcap']}")
-    batch, heads, width, dim = query.shape
+    batch, heads, width = query.shape[:3]
     spans = document_spans(position_ids.expand(batch, -1))
     if len(spans) == batch:  # one trajectory a row: plain causal attention
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     key, value = (repeat_kv(t, heads // t.shape[1]) for t in (key, value))
-    flat = [t.transpose(1, 2).reshape(batch * width, heads, dim) for t in (query, key, value)]  # (B*S, H, D)
+    flat = [t.transpose(1, 2).reshape(batch * width, heads, t.shape[-1]) for t in (query, key, value)]  # (B*S, H, D)
     buckets: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         buckets.setdefault(bucket_length(span[2]), []).append(span)
@@ -429,19 +429,22 @@ def documents_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     order = torch.cat(order)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return torch.cat(outputs)[inverse].view(batch, width, heads, dim), None
+    return torch.cat(outputs)[inverse].view(batch, width, heads, value.shape[-1]), None
 
 
-def _documents_mask(*, attention_mask: torch.Tensor | None = None, q_length: int, kv_length: int,
-                    q_offset: int = 0, kv_offset: int = 0, **kwargs) -> torch.Tensor | None:
+def _documents_mask(**kwargs) -> torch.Tensor | None:
     """The mask function transformers calls for `DOCUMENTS_ATTENTION`: none where
     `documents_attention` confines attention itself (no padding mask, no cache), else sdpa's,
     always materialised (so that a None reaching the attention means the former)."""
-    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+    if "q_length" in kwargs:
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
+    else:  # transformers before 5.x passes the query's cache positions instead
+        positions = kwargs["cache_position"]
+        q_length, q_offset = positions.shape[0], positions[0]
+    if kwargs.get("attention_mask") is None and q_length == kwargs["kv_length"] and not q_offset \
+            and not kwargs.get("kv_offset", 0):
         return None
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, **kwargs)
+    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
 
 
 AttentionInterface.register(DOCUMENTS_ATTENTION, documents_attention)
